@@ -1,0 +1,225 @@
+"""Reads and writes Hugging Face-layout Qwen2 directories directly: config.json, safetensors shards,
+tokenizer.json. No transformers.
+
+Tensors are read lazily with `safe_open` (memory-mapped), so loading some layers never reads the others.
+Loading is strict: every checkpoint tensor is used or deliberately skipped, every parameter is filled,
+every shape is checked. Problems raise `CheckpointError` with one line naming the file and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from model import PROJECTIONS, Qwen2, Qwen2Config
+
+LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
+
+
+class CheckpointError(Exception):
+    """A checkpoint directory that cannot be used; the message says which file and what to do."""
+
+
+def _check_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such directory; pass the directory of a Qwen2/Qwen2.5 checkpoint "
+                              "(the one holding config.json and *.safetensors)")
+    return path
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; the directory is not a complete Hugging Face checkpoint")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e}); download the file again") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object; download the file again")
+    return data
+
+
+def load_config(path) -> Qwen2Config:
+    path = _check_dir(Path(path))
+    file = path / "config.json"
+    raw = _read_json(file)
+    if raw.get("model_type") != "qwen2":
+        raise CheckpointError(f"{file}: model_type is {raw.get('model_type')!r}, expected 'qwen2'; "
+                              "only Qwen2 / Qwen2.5 checkpoints are supported")
+    # Qwen2.5 files put rope_theta at the top level; recent transformers write rope_parameters.rope_theta.
+    rope = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default" or scaling.get("type", scaling.get("rope_type", "default")) != "default":
+        raise CheckpointError(f"{file}: RoPE scaling is not supported; use a checkpoint with plain RoPE")
+    if raw.get("use_sliding_window"):
+        raise CheckpointError(f"{file}: sliding-window attention is not supported; set use_sliding_window to false")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{file}: hidden_act {raw['hidden_act']!r} is not supported (Qwen2 uses 'silu')")
+    values = dict(raw)
+    values["rope_theta"] = raw.get("rope_theta", rope.get("rope_theta", Qwen2Config.rope_theta))
+    values["torch_dtype"] = raw.get("torch_dtype", raw.get("dtype", "float32"))
+    if not isinstance(getattr(torch, str(values["torch_dtype"]), None), torch.dtype):
+        raise CheckpointError(f"{file}: torch_dtype {values['torch_dtype']!r} is not a torch dtype")
+    values.setdefault("num_key_value_heads", raw.get("num_attention_heads"))
+    values.setdefault("tie_word_embeddings", False)  # transformers' default for qwen2 when the key is absent
+    names = {f.name for f in dataclasses.fields(Qwen2Config)} - {"extra"}
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads"):
+        if not isinstance(values.get(key), int) or isinstance(values[key], bool) or values[key] <= 0:
+            raise CheckpointError(f"{file}: {key} must be a positive integer, found {values.get(key)!r}")
+    if values["hidden_size"] % values["num_attention_heads"] or values["num_attention_heads"] % values["num_key_value_heads"]:
+        raise CheckpointError(f"{file}: num_attention_heads must divide hidden_size and be a multiple of "
+                              "num_key_value_heads")
+    cfg = Qwen2Config(**{k: v for k, v in values.items() if k in names and v is not None},
+                      extra={k: v for k, v in raw.items() if k not in names and k not in ("rope_parameters", "dtype")})
+    return cfg
+
+
+def config_dtype(cfg: Qwen2Config) -> torch.dtype:
+    return getattr(torch, cfg.torch_dtype)
+
+
+class Checkpoint:
+    """A lazy view of a (possibly sharded) safetensors checkpoint: tensor names, shapes, and reads on demand."""
+
+    def __init__(self, path):
+        self.path = _check_dir(Path(path))
+        index, single = self.path / "model.safetensors.index.json", self.path / "model.safetensors"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index}: no 'weight_map'; download the file again")
+            files = sorted(set(weight_map.values()))
+        elif single.is_file():
+            weight_map, files = None, ["model.safetensors"]
+        else:
+            raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json; "
+                                  "the weights are missing from the checkpoint directory")
+        self.handles, self.where = {}, {}
+        for name in files:
+            file = self.path / name
+            if not file.is_file():
+                raise CheckpointError(f"{file}: missing (listed in {index.name}); download the missing shard")
+            try:
+                handle = safe_open(str(file), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{file}: not a readable safetensors file ({e}); "
+                                      "it is truncated or corrupted, download it again") from None
+            self.handles[name] = handle
+            for key in handle.keys():
+                self.where[key] = name
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if self.where.get(key) != name:
+                    raise CheckpointError(f"{self.path / name}: does not hold tensor {key} listed in {index.name}; "
+                                          "the shards do not match the index, download them again")
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
+
+    def get(self, key: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
+        if key not in self.where:
+            raise CheckpointError(f"{self.path}: tensor {key} is missing; the checkpoint is incomplete")
+        file = self.path / self.where[key]
+        try:
+            t = self.handles[self.where[key]].get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: cannot read tensor {key} ({e}); the file is corrupted, download it again") from None
+        return t.to(device=device, dtype=dtype or t.dtype)
+
+    def read(self, expected: dict[str, tuple], skip, dtype, device) -> dict[str, torch.Tensor]:
+        """Reads exactly `expected` (name -> shape). Every other tensor must satisfy `skip(name)`."""
+        for key in self.where:
+            if key not in expected and not skip(key):
+                raise CheckpointError(f"{self.path / self.where[key]}: unexpected tensor {key}; "
+                                      "the checkpoint does not match config.json")
+        state = {}
+        for key, shape in expected.items():
+            if key not in self.where:
+                raise CheckpointError(f"{self.path}: tensor {key} is missing; the checkpoint is incomplete")
+            if self.shape(key) != tuple(shape):
+                raise CheckpointError(f"{self.path / self.where[key]}: tensor {key} has shape {list(self.shape(key))}, "
+                                      f"config.json implies {list(shape)}; the weights do not match the config")
+            state[key] = self.get(key, dtype, device)
+        return state
+
+
+def _skippable(cfg: Qwen2Config, layer_ids: list[int]):
+    kept = set(layer_ids)
+
+    def skip(key: str) -> bool:
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            return True  # some tied checkpoints store the head anyway; it is the embedding
+        if key.endswith("rotary_emb.inv_freq"):
+            return True  # old checkpoints store RoPE frequencies; we compute them
+        m = LAYER_KEY.match(key)
+        return m is not None and int(m.group(1)) < cfg.num_hidden_layers and int(m.group(1)) not in kept
+
+    return skip
+
+
+def load_model(path, dtype: torch.dtype | None = None, device="cpu", layers: list[int] | None = None) -> Qwen2:
+    """Loads a Qwen2 checkpoint, or only `layers` of it (the others are never read). dtype None means
+    the checkpoint's own (config.json torch_dtype). The model is returned frozen, in eval mode."""
+    cfg = load_config(path)
+    ckpt = Checkpoint(path)
+    if layers is not None:
+        bad = [i for i in layers if not 0 <= i < cfg.num_hidden_layers]
+        if bad:
+            raise CheckpointError(f"{ckpt.path}: the checkpoint has {cfg.num_hidden_layers} layers, "
+                                  f"layer {bad[0]} does not exist")
+    with torch.device("meta"):
+        model = Qwen2(cfg, layers)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        del expected["lm_head.weight"]
+    state = ckpt.read(expected, _skippable(cfg, model.layer_ids), dtype or config_dtype(cfg), device)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_tokenizer(path) -> Tokenizer:
+    file = _check_dir(Path(path)) / "tokenizer.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing; the checkpoint needs its tokenizer.json")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as e:  # tokenizers raises plain Exception subclasses for malformed files
+        raise CheckpointError(f"{file}: not a valid tokenizer ({e}); download it again") from None
+
+
+def _atomic(file: Path, write):
+    tmp = file.with_name(file.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, file)
+
+
+def save_model(model: Qwen2, path, tokenizer: Tokenizer | None = None) -> None:
+    """Writes a directory that transformers' Qwen2ForCausalLM and `load_model` both load."""
+    cfg = model.cfg
+    if model.layer_ids != list(range(cfg.num_hidden_layers)):
+        raise ValueError("save_model writes whole models; this one keeps only some layers")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    dtype = next(model.parameters()).dtype
+    config = dict(cfg.extra)
+    config.update({k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"})
+    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
+                  torch_dtype=str(dtype).removeprefix("torch."), use_sliding_window=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        del tensors["lm_head.weight"]  # the same tensor as the embedding
+    _atomic(path / "model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
+    _atomic(path / "config.json", lambda f: f.write_text(json.dumps(config, indent=2)))
+    if tokenizer is not None:
+        _atomic(path / "tokenizer.json", lambda f: tokenizer.save(str(f)))
