@@ -223,3 +223,30 @@ def save_model(model: Qwen2, path, tokenizer: Tokenizer | None = None) -> None:
     _atomic(path / "config.json", lambda f: f.write_text(json.dumps(config, indent=2)))
     if tokenizer is not None:
         _atomic(path / "tokenizer.json", lambda f: tokenizer.save(str(f)))
+
+
+def load_ouroboros(path, cfg, dtype: torch.dtype | None = None, device="cpu"):
+    """Builds Ouroboros from a checkpoint: the kept layers (prelude, recurrent, coda) are loaded; the removed
+    layers are streamed one at a time, only to build the SVD LoRA bases, so peak memory stays near the kept
+    weights. The trainable parameters are fresh (fp32); load a trained run's on top with load_state_dict."""
+    from controller import ConfigError, Ouroboros, svd_bases
+
+    qcfg = load_config(path)
+    prelude, rec, coda, removed = cfg.split(qcfg.num_hidden_layers)
+    widths = {"q": qcfg.hidden_size, "k": qcfg.num_key_value_heads * qcfg.head_dim, "o": qcfg.hidden_size,
+              "gate": min(qcfg.hidden_size, qcfg.intermediate_size)}
+    narrow = min(widths, key=widths.get)
+    if cfg.rank > widths[narrow]:
+        raise ConfigError(f"rank {cfg.rank} is larger than projection {narrow} allows ({widths[narrow]}); "
+                          f"use rank <= {widths[narrow]}")
+    base = load_model(path, dtype, device, layers=prelude + [rec] + coda)
+    ckpt = Checkpoint(path)
+    dtype = next(base.parameters()).dtype
+
+    def weights(i):
+        return {k: ckpt.get(f"model.layers.{i}.{name}.weight", torch.float32, device) for k, name in PROJECTIONS.items()}
+
+    bases = svd_bases(weights(rec), (weights(i) for i in removed), cfg.rank)
+    bases = {k: (A.to(dtype), B.to(dtype)) for k, (A, B) in bases.items()}
+    with torch.device(device):
+        return Ouroboros(base, cfg, bases)

@@ -222,7 +222,7 @@ class Qwen2(nn.Module):
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         caches = {i: KVCache() for i in self.layer_ids}
-        return generate(lambda ids: self(ids, caches), input_ids, max_new_tokens, temperature, top_k, generator)
+        return sampling_loop(lambda ids: self(ids, caches), input_ids, max_new_tokens, temperature, top_k, generator)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
@@ -237,7 +237,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
-def generate(step: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor, max_new_tokens: int,
+def sampling_loop(step: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor, max_new_tokens: int,
              temperature: float, top_k: int | None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Sampling loop shared by Qwen2 and Ouroboros. `step(ids)` feeds new tokens to a model holding its
     own KV cache and returns their logits; the prompt goes in once, then one token at a time."""

@@ -1,0 +1,233 @@
+"""Ouroboros: one recurrent decoder layer, looped, with input-dependent LoRA weights at every step.
+
+Read with ../shared/METHOD.md. The pieces, leaves first: the configuration and the layer split, the SVD
+LoRA bases, the Controller (and the static ablation with the same call signature), then the recursive
+model: embed -> prelude -> N x (Controller, modulated layer, step norm, gate) -> coda -> norm -> head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from model import PROJECTIONS, KVCache, Qwen2, rms_norm, sampling_loop
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what to change."""
+
+
+@dataclass
+class OuroborosConfig:
+    # The paper's values on Qwen2.5-3B (36 layers): keep 0-7 and 28-35, loop layer 18.
+    n_prelude: int = 8
+    recurrent_layer: int = 18
+    n_coda: int = 8
+    rank: int = 32  # r
+    alpha: float = 16.0  # LoRA scale is alpha / r
+    max_steps: int = 64  # size of the step embedding and of the per-step norms
+    pool_dim: int = 256  # Controller: Linear(d, 256) on the pooled state
+    step_dim: int = 128  # Controller: Embedding(max_steps, 128)
+    hidden_dim: int = 256  # Controller: Linear(256 + 128, 256)
+    head_dim: int = 128  # Controller: Linear(256, 128), then the heads Linear(128, r)
+    gate_bias: float = -2.0  # sigmoid(-2) = 0.119: at init each step keeps 88% of the old state
+    controller: str = "dynamic"  # dynamic | static (learned c per step, ignores input) | none (no LoRA)
+    gate: bool = True  # False: h = h_new every step
+    step_norm: bool = True  # False: no per-step RMSNorm
+    pool: str = "causal"  # causal: position t sees 0..t | mean: whole sequence, the paper's, LEAKS the future
+    checkpoint_steps: bool = False  # recompute each step in backward, so memory does not grow with depth
+
+    def split(self, n_layers: int) -> tuple[list[int], int, list[int], list[int]]:
+        """(prelude, recurrent, coda, removed) layer indices of an n_layers-deep checkpoint."""
+        p, rec, c = self.n_prelude, self.recurrent_layer, self.n_coda
+        if p < 0 or c < 0:
+            raise ConfigError(f"n_prelude ({p}) and n_coda ({c}) must be >= 0")
+        if p + c + 1 > n_layers:
+            raise ConfigError(f"n_prelude + n_coda + 1 = {p + c + 1} exceeds the checkpoint's {n_layers} layers; "
+                              "use a smaller prelude or coda")
+        if not p <= rec < n_layers - c:
+            raise ConfigError(f"recurrent_layer {rec} must lie between the prelude and the coda, "
+                              f"in {p}..{n_layers - c - 1} for this {n_layers}-layer checkpoint")
+        if self.controller not in ("dynamic", "static", "none"):
+            raise ConfigError(f"controller must be dynamic, static or none, not {self.controller!r}")
+        if self.pool not in ("causal", "mean"):
+            raise ConfigError(f"pool must be causal or mean, not {self.pool!r}")
+        if self.rank < 1 or self.max_steps < 1:
+            raise ConfigError("rank and max_steps must be >= 1")
+        prelude, coda = list(range(p)), list(range(n_layers - c, n_layers))
+        removed = [i for i in range(p, n_layers - c) if i != rec]
+        return prelude, rec, coda, removed
+
+
+def paper_split(n_layers: int) -> tuple[int, int, int]:
+    """The paper's proportions for any depth L: prelude = coda = round(8L/36), recurrent = L // 2."""
+    edge = round(8 * n_layers / 36)
+    return edge, n_layers // 2, edge
+
+
+@torch.no_grad()
+def svd_bases(weights: dict[str, torch.Tensor], removed: list[dict[str, torch.Tensor]], rank: int):
+    """LoRA bases per projection k: R_k = mean_i (W_i,k - W_rec,k); U S Vh = svd(R_k); A = Vh[:r], B = U[:, :r] S[:r].
+
+    `weights` are the recurrent layer's weights; `removed` yields the removed layers' weights one at a time,
+    so only one of them is in memory at once. With c = 1, (B @ A) is the best rank-r approximation of R_k.
+    """
+    total = {k: torch.zeros_like(w, dtype=torch.float32) for k, w in weights.items()}
+    n = 0
+    for layer in removed:
+        for k in total:
+            total[k] += layer[k].float()
+        n += 1
+    bases = {}
+    for k, w in weights.items():
+        if n == 0:  # nothing removed: there is no residual to approximate
+            bases[k] = (w.new_zeros(rank, w.shape[1]), w.new_zeros(w.shape[0], rank))
+            continue
+        R = total[k] / n - w.float()
+        U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+        bases[k] = (Vh[:rank].to(w.dtype), (U[:, :rank] * S[:rank]).to(w.dtype))  # A (r, in), B (out, r)
+    return bases
+
+
+class Controller(nn.Module):
+    """c = heads(MLP([silu(W_p p) ; E[s]])): one r-vector per projection, from the pooled state and the step."""
+
+    def __init__(self, d: int, cfg: OuroborosConfig):
+        super().__init__()
+        self.rank = cfg.rank
+        self.pool_proj = nn.Linear(d, cfg.pool_dim)
+        self.step_embed = nn.Embedding(cfg.max_steps, cfg.step_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.pool_dim + cfg.step_dim, cfg.hidden_dim), nn.SiLU(),
+            nn.Linear(cfg.hidden_dim, cfg.head_dim), nn.SiLU(),
+        )
+        # The seven heads Linear(128, r, bias=False), fused into one matrix. Zero-initialised: c = 0 at the
+        # start, so the model begins as the plain looped layer.
+        self.heads = nn.Linear(cfg.head_dim, len(PROJECTIONS) * cfg.rank, bias=False)
+        nn.init.zeros_(self.heads.weight)
+
+    def forward(self, p: torch.Tensor, step: int) -> torch.Tensor:
+        # p (B, T, d) pooled state -> c (B, T, 7, r)
+        a = F.silu(self.pool_proj(p))
+        e = self.step_embed.weight[step].to(a.dtype).expand(*a.shape[:-1], -1)
+        return self.heads(self.mlp(torch.cat((a, e), dim=-1))).unflatten(-1, (len(PROJECTIONS), self.rank))
+
+
+class StaticModulation(nn.Module):
+    """The static per-step LoRA baseline: a learned c per (step, projection) that ignores the input."""
+
+    def __init__(self, cfg: OuroborosConfig):
+        super().__init__()
+        self.c = nn.Parameter(torch.zeros(cfg.max_steps, len(PROJECTIONS), cfg.rank))
+
+    def forward(self, p: torch.Tensor, step: int) -> torch.Tensor:
+        return self.c[step]  # (7, r), broadcast over batch and positions
+
+
+class RecurrentCache:
+    """Generation state: KV caches of the prelude and coda layers, one KV cache per recurrent step (each
+    step sees different keys), and per step the running sum of the hidden state for the causal pool."""
+
+    def __init__(self, model: "Ouroboros", n_steps: int):
+        self.layers = {i: KVCache() for i in model.prelude + model.coda}
+        self.steps = [KVCache() for _ in range(n_steps)]
+        self.pool_sum: list[torch.Tensor | float] = [0.0] * n_steps
+        self.length = 0
+
+
+class Ouroboros(nn.Module):
+    def __init__(self, base: Qwen2, cfg: OuroborosConfig, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        self.cfg = cfg
+        qcfg = base.cfg
+        self.prelude, self.recurrent, self.coda, self.removed = cfg.split(qcfg.num_hidden_layers)
+        if base.layer_ids != self.prelude + [self.recurrent] + self.coda:
+            raise ConfigError(f"the base keeps layers {base.layer_ids}, the split needs "
+                              f"{self.prelude + [self.recurrent] + self.coda}")
+        # The frozen part. `base` alone, run as a Qwen2, is the cut baseline: prelude, layer once, coda.
+        self.base = base.requires_grad_(False)
+        for k, (A, B) in bases.items():
+            self.register_buffer(f"lora_A_{k}", A)  # (r, in)
+            self.register_buffer(f"lora_B_{k}", B)  # (out, r)
+        # The trainable part, always fp32 (bf16 weights would round small AdamW updates away).
+        d = qcfg.hidden_size
+        self.controller = {"dynamic": lambda: Controller(d, cfg), "static": lambda: StaticModulation(cfg),
+                           "none": lambda: None}[cfg.controller]()
+        self.gate = None
+        if cfg.gate:
+            self.gate = nn.Linear(2 * d, d)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, cfg.gate_bias)
+        self.step_norm = nn.Parameter(torch.ones(cfg.max_steps, d)) if cfg.step_norm else None
+
+    def check_steps(self, n_steps: int):
+        if not 1 <= n_steps <= self.cfg.max_steps:
+            raise ConfigError(f"depth {n_steps} is outside 1..{self.cfg.max_steps} (max_steps); "
+                              "choose a depth in that range")
+
+    def pool(self, h: torch.Tensor, s: int, cache: RecurrentCache | None) -> torch.Tensor:
+        if self.cfg.pool == "mean":
+            # The paper's pool: every position sees the mean over the whole sequence, future tokens
+            # included. Kept only to reproduce the paper; it leaks, and cannot generate.
+            if cache is not None:
+                raise ConfigError("pool='mean' reads future tokens and cannot generate; use pool='causal'")
+            return h.mean(dim=1, keepdim=True)
+        # Causal pool: p_t = mean(h_0 .. h_t), so the weights at position t never depend on tokens after t.
+        T = h.shape[1]
+        total = h.float().cumsum(dim=1)  # (B, T, d)
+        count = torch.arange(1, T + 1, device=h.device, dtype=torch.float32)
+        if cache is not None:
+            total = total + cache.pool_sum[s]
+            count = count + cache.length
+            cache.pool_sum[s] = total[:, -1:]
+        return (total / count[:, None]).to(h.dtype)
+
+    def modulation(self, h: torch.Tensor, s: int, cache: RecurrentCache | None):
+        if self.controller is None:
+            return None
+        c = self.controller(self.pool(h, s, cache), s) * (self.cfg.alpha / self.cfg.rank)  # (..., 7, r)
+        return {k: (getattr(self, f"lora_A_{k}"), getattr(self, f"lora_B_{k}"), c[..., j, :])
+                for j, k in enumerate(PROJECTIONS)}
+
+    def step(self, h, s: int, cos, sin, cache: RecurrentCache | None = None):
+        mod = self.modulation(h, s, cache)  # c = Controller(h, s)
+        h_new = self.base.layer(self.recurrent)(h, cos, sin, mod, cache.steps[s] if cache else None)
+        if self.step_norm is not None:
+            h_new = rms_norm(h_new, self.step_norm[s], self.base.cfg.rms_norm_eps)  # h_new = norm_s(h_new)
+        if self.gate is None:
+            return h_new
+        g = torch.sigmoid(self.gate(torch.cat((h_new, h), dim=-1)))  # g = sigmoid(W_g [h_new ; h_old] + b_g)
+        return h + g * (h_new - h)  # h = g * h_new + (1 - g) * h_old
+
+    def forward(self, input_ids: torch.Tensor, n_steps: int, cache: RecurrentCache | None = None) -> torch.Tensor:
+        # input_ids (B, T) -> logits (B, T, vocab), looping the recurrent layer n_steps times.
+        self.check_steps(n_steps)
+        layer = self.base.layer
+        cos, sin = self.base.rope(cache.length if cache else 0, input_ids.shape[1], input_ids.device)
+        with torch.no_grad():  # the prelude is frozen and its input needs no gradient
+            h = self.base.model.embed_tokens(input_ids)
+            for i in self.prelude:
+                h = layer(i)(h, cos, sin, cache=cache.layers[i] if cache else None)
+        for s in range(n_steps):
+            if self.cfg.checkpoint_steps and torch.is_grad_enabled() and cache is None:
+                h = checkpoint(self.step, h, s, cos, sin, use_reentrant=False)
+            else:
+                h = self.step(h, s, cos, sin, cache)
+        for i in self.coda:
+            h = layer(i)(h, cos, sin, cache=cache.layers[i] if cache else None)
+        if cache is not None:
+            cache.length += input_ids.shape[1]
+        return self.base.head(h)
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def generate(self, input_ids, n_steps: int, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        cache = RecurrentCache(self, n_steps)
+        return sampling_loop(lambda ids: self(ids, n_steps, cache), input_ids, max_new_tokens, temperature,
+                             top_k, generator)
