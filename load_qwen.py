@@ -67,7 +67,8 @@ def load_config(path) -> Qwen2Config:
     values["torch_dtype"] = raw.get("torch_dtype", raw.get("dtype", "float32"))
     if not isinstance(getattr(torch, str(values["torch_dtype"]), None), torch.dtype):
         raise CheckpointError(f"{file}: torch_dtype {values['torch_dtype']!r} is not a torch dtype")
-    values.setdefault("num_key_value_heads", raw.get("num_attention_heads"))
+    if values.get("num_key_value_heads") is None:  # absent or null: no GQA (transformers maps null the same way)
+        values["num_key_value_heads"] = raw.get("num_attention_heads")
     values.setdefault("tie_word_embeddings", False)  # transformers' default for qwen2 when the key is absent
     names = {f.name for f in dataclasses.fields(Qwen2Config)} - {"extra"}
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
