@@ -317,6 +317,11 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
 def all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(x)
@@ -337,6 +342,10 @@ def pick_device(name: str | None) -> torch.device:
         raise RunError(f"--device {name}: no CUDA device is available here; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise RunError(f"--device {name}: only cpu and cuda are supported")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise RunError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -617,14 +626,20 @@ def run(args) -> int:
     if args.resume:
         check_resume(out, args)
     tokenizer = load_tokenizer(args.model)
+    # Every process has checked its input above, before any process writes.
     rank, world = init_distributed(device)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    data, val = tokens_for(args, tokenizer, qcfg.vocab_size, out)
+    barrier(world)
+    for r in range(world):  # rank 0 tokenises and caches first; the others then read the cache
+        if r == rank:
+            out.mkdir(parents=True, exist_ok=True)
+            data, val = tokens_for(args, tokenizer, qcfg.vocab_size, out)
+        barrier(world)
     train_arm(args, model, data, val, out, device, world, rank)
     if rank == 0:
         rows = reference_rows(args.model, model, val, args, device) + arm_rows(model, arm_name(args), val, args, device)
         finish(out, rows)
+    if world > 1:
+        dist.destroy_process_group()
     return 0
 
 
@@ -720,7 +735,8 @@ def demo(args) -> int:
     out = Path(args.out) if args.out else next(Path("runs") / f"demo-{i}" for i in range(1, 10**6)
                                                if not (Path("runs") / f"demo-{i}").exists())
     args.out = str(out)
-    check_out_dir(args)
+    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise RunError(f"{out} already holds files; pass --resume to continue that run or --overwrite to replace it")
     cache = demo_cache()
     cache.mkdir(parents=True, exist_ok=True)
     docs = read_documents(args.data)
@@ -739,8 +755,11 @@ def demo(args) -> int:
     print(f"base model ready in {base} ({fmt_time(time.time() - t0)} so far)")
     rows = None
     for controller in ("none", "dynamic"):
-        arm = argparse.Namespace(**{**vars(args), "model": str(base), "controller": controller,
-                                    "out": str(out / controller)})
+        arm_dir = out / controller
+        # With --resume, an arm that never reached its first checkpoint starts again.
+        arm = argparse.Namespace(**{**vars(args), "model": str(base), "controller": controller, "out": str(arm_dir),
+                                    "resume": args.resume and (arm_dir / CHECKPOINT).is_file(),
+                                    "overwrite": args.resume or args.overwrite})
         arm_out = check_out_dir(arm)
         qcfg, model = prepare_arm(arm, device)
         if rows is None:
