@@ -509,7 +509,7 @@ def check_out_dir(args) -> Path:
     if args.resume:
         if not (out / CHECKPOINT).is_file() or not (out / "config.json").is_file():
             raise RunError(f"{out}: no checkpoint to resume from; start the run without --resume")
-    elif exists and not args.overwrite:
+    elif exists and not (args.overwrite or args.sample or args.eval_only):  # those two only read the run
         raise RunError(f"{out} already holds files; pass --resume to continue that run or --overwrite to replace it")
     return out
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tiny import make_checkpoint, tiny_config  # first: it puts the repository root on sys.path
+
 import load_qwen
 from controller import OuroborosConfig, svd_bases
 from load_qwen import load_ouroboros
 from model import PROJECTIONS
-from tiny import make_checkpoint, tiny_config
 
 QCFG = tiny_config(num_hidden_layers=6)
 CFG = OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=8, max_steps=8)  # removes 1, 2, 4

@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from tiny import make_checkpoint, tiny_config  # first: it puts the repository root on sys.path
+
 from controller import ConfigError, Ouroboros, OuroborosConfig, StaticModulation
 from load_qwen import load_ouroboros
 from model import PROJECTIONS, DecoderLayer, Qwen2, Qwen2Config, project
-from tiny import make_checkpoint, tiny_config
 
 QCFG = tiny_config(num_hidden_layers=6)
 CFG = OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=8, max_steps=8)
