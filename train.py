@@ -232,7 +232,7 @@ def get_lr(step: int, args) -> float:
     """Linear warmup to --lr, then cosine decay to lr * min_lr_ratio at the last step. Counted in optimizer steps."""
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+    progress = (step - args.warmup) / max(1, args.steps - 1 - args.warmup)  # the last step is steps - 1
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
@@ -411,8 +411,13 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
     def on_signal(signum, frame):
         raise Interrupted()
     previous = signal.signal(signal.SIGTERM, on_signal)
+    # Ctrl-C and SIGTERM are held from the end of a step's backward to the end of its bookkeeping and delivered
+    # at the next step boundary: landing between the update and the step count, the log line or the checkpoint,
+    # they would save parameters a step ahead of the counter, or drop the step's log line.
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
     try:
         while state["step"] < args.steps:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
             step = state["step"]
             if args.stop_after is not None and step - start_step >= args.stop_after:
                 break
@@ -429,6 +434,7 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
                 (loss / args.grad_accum).backward()
                 loss_sum += loss.detach()
             loss = all_mean(loss_sum / args.grad_accum, world).item()
+            signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 state["bad_steps"] += 1
@@ -472,6 +478,7 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
                   file=sys.stderr)
         raise KeyboardInterrupt from None
     finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
         signal.signal(signal.SIGTERM, previous)
     if rank == 0:
         save_checkpoint(out, params, optimizer, state)

@@ -7,12 +7,23 @@ from transformers import Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from load_qwen import load_model
-from model import PROJECTIONS, DecoderLayer, KVCache, Qwen2, project, rms_norm, rope_cos_sin, sample_next
+from model import (PROJECTIONS, DecoderLayer, KVCache, Qwen2, project, rms_norm, rope_cos_sin, sample_next,
+                   sampling_loop)
 from tiny import make_checkpoint, random_model, tiny_config
 
 # initializer_range 0.2 makes every layer move the residual stream (at 0.02 the embedding dominates and
 # greedy decoding repeats one token), so a wrong attention or RoPE detail shows in the logits.
 LIVELY = dict(initializer_range=0.2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tensors here are tiny: extra threads only add synchronisation, and on a busy 2-core machine they
+    # make the tests several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def hf_model(path) -> Qwen2ForCausalLM:
@@ -108,6 +119,18 @@ def test_greedy_generation_matches_no_cache_and_transformers(tmp_path, heads):
     assert len(set(got[:, 5:].flatten().tolist())) > 3  # a real sequence, not one token repeated
 
 
+def test_sampling_loop_feeds_the_prompt_once_then_one_token_at_a_time():
+    fed = []
+
+    def step(ids):
+        fed.append(ids.shape)
+        return torch.zeros(ids.shape[0], ids.shape[1], 10).index_fill_(2, torch.tensor([len(fed)]), 1.0)
+
+    out = sampling_loop(step, torch.zeros(2, 4, dtype=torch.long), 3, temperature=0.0, top_k=None)
+    assert fed == [(2, 4), (2, 1), (2, 1)]  # no forward for a token that is never sampled from
+    assert out[:, 4:].tolist() == [[1, 2, 3], [1, 2, 3]]
+
+
 def test_generate_zero_new_tokens_returns_prompt():
     model = random_model(tiny_config(**LIVELY)).eval()
     prompt = torch.tensor([[1, 2, 3]])
@@ -162,8 +185,9 @@ def test_attention_is_causal():
 
 
 def test_rope_depends_on_position():
-    # The same token at two positions gets different logits only through RoPE's relative angles.
-    model = random_model(tiny_config(**LIVELY), seed=10).eval()
+    # In one layer without positions, position 3 (context 5 9 5 9) would equal position 1 (context 5 9):
+    # duplicating every key and value leaves softmax attention unchanged. Only RoPE tells them apart.
+    model = random_model(tiny_config(**LIVELY, num_hidden_layers=1), seed=10).eval()
     ids = torch.tensor([[5, 9, 5, 9, 5, 9]])
     with torch.no_grad():
         logits = model(ids)
