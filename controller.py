@@ -79,7 +79,7 @@ def svd_bases(weights: dict[str, torch.Tensor], removed: list[dict[str, torch.Te
     n = 0
     for layer in removed:
         for k in total:
-            total[k] += layer[k].float()
+            total[k] += layer[k]  # accumulated in fp32 whatever the checkpoint's dtype
         n += 1
     bases = {}
     for k, w in weights.items():
@@ -87,7 +87,12 @@ def svd_bases(weights: dict[str, torch.Tensor], removed: list[dict[str, torch.Te
             bases[k] = (w.new_zeros(rank, w.shape[1]), w.new_zeros(w.shape[0], rank))
             continue
         R = total[k] / n - w.float()
-        U, S, Vh = torch.linalg.svd(R, full_matrices=False)
+        # LAPACK's SVD is several times slower on a wide matrix than on its transpose (down_proj is wide), so
+        # decompose the tall one: R^T = V S U^T.
+        wide = R.shape[0] < R.shape[1]
+        U, S, Vh = torch.linalg.svd(R.mT if wide else R, full_matrices=False)
+        if wide:
+            U, Vh = Vh.mT, U.mT
         bases[k] = (Vh[:rank].to(w.dtype), (U[:, :rank] * S[:rank]).to(w.dtype))  # A (r, in), B (out, r)
     return bases
 

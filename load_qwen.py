@@ -241,13 +241,17 @@ def load_ouroboros(path, cfg, dtype: torch.dtype | None = None, device="cpu"):
         raise ConfigError(f"rank {cfg.rank} is larger than projection {narrow} allows ({widths[narrow]}); "
                           f"use rank <= {widths[narrow]}")
     base = load_model(path, dtype, device, layers=prelude + [rec] + coda)
-    ckpt = Checkpoint(path)
     dtype = next(base.parameters()).dtype
 
-    def weights(i):
-        return {k: ckpt.get(f"model.layers.{i}.{name}.weight", torch.float32, device) for k, name in PROJECTIONS.items()}
+    def weights(i, dtype=None):
+        # A fresh Checkpoint per layer: pages read from a memory-mapped file stay resident until it is unmapped,
+        # so one Checkpoint open across the loop would end up holding every removed layer in memory.
+        ckpt = Checkpoint(path)
+        return {k: ckpt.get(f"model.layers.{i}.{name}.weight", dtype, device) for k, name in PROJECTIONS.items()}
 
-    bases = svd_bases(weights(rec), (weights(i) for i in removed), cfg.rank)
+    # The recurrent layer in fp32, the dtype the bases are computed in; the removed layers as stored (svd_bases
+    # sums them in fp32), so no fp32 copy of a whole removed layer is made.
+    bases = svd_bases(weights(rec, torch.float32), (weights(i) for i in removed), cfg.rank)
     bases = {k: (A.to(dtype), B.to(dtype)) for k, (A, B) in bases.items()}
     with torch.device(device):
         return Ouroboros(base, cfg, bases)

@@ -408,16 +408,21 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
     tokens_per_step = per_step * args.seq_len
     start_step, t0 = state["step"], time.time()
 
+    # Ctrl-C and SIGTERM stop the run at once, except from the end of a step's backward to the end of its
+    # bookkeeping, where they wait for the next step: landing between the update and the step count, the log
+    # line or the checkpoint, they would save parameters a step ahead of the counter, or drop a log line.
+    held = dict(on=False, pending=False)
+
     def on_signal(signum, frame):
-        raise Interrupted()
-    previous = signal.signal(signal.SIGTERM, on_signal)
-    # Ctrl-C and SIGTERM are held from the end of a step's backward to the end of its bookkeeping and delivered
-    # at the next step boundary: landing between the update and the step count, the log line or the checkpoint,
-    # they would save parameters a step ahead of the counter, or drop the step's log line.
-    stop_signals = {signal.SIGINT, signal.SIGTERM}
+        if not held["on"]:
+            raise Interrupted()
+        held["pending"] = True
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while state["step"] < args.steps:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+            held["on"] = False
+            if held["pending"]:
+                raise Interrupted()
             step = state["step"]
             if args.stop_after is not None and step - start_step >= args.stop_after:
                 break
@@ -434,7 +439,7 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
                 (loss / args.grad_accum).backward()
                 loss_sum += loss.detach()
             loss = all_mean(loss_sum / args.grad_accum, world).item()
-            signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+            held["on"] = True
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 state["bad_steps"] += 1
@@ -471,15 +476,18 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
             log_line(out, record, rank)
             if rank == 0 and (step % args.save_every == 0 or step == args.steps):
                 save_checkpoint(out, params, optimizer, state)
+        if held["pending"]:  # arrived during the last step's bookkeeping
+            raise Interrupted()
     except (KeyboardInterrupt, Interrupted):
+        held["on"] = True  # a second Ctrl-C waits for this checkpoint
         if rank == 0:
             save_checkpoint(out, params, optimizer, state)
             print(f"\ninterrupted: checkpoint at step {state['step']} saved in {out}; continue with --resume",
                   file=sys.stderr)
         raise KeyboardInterrupt from None
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if rank == 0:
         save_checkpoint(out, params, optimizer, state)
     return state
