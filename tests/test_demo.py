@@ -1,0 +1,101 @@
+"""The demo path (`python train.py` with no --model), shortened: a few stdlib files, a few steps."""
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tiny  # noqa: F401  (puts the project on sys.path)
+import train
+from load_qwen import load_model, load_tokenizer
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+FILES = ["abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "glob.py", "heapq.py", "keyword.py",
+         "linecache.py", "numbers.py", "opcode.py", "operator.py", "queue.py", "random.py", "sched.py",
+         "shlex.py", "string.py", "textwrap.py", "token.py", "types.py", "uu.py", "weakref.py"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name in FILES:
+        shutil.copy(STDLIB / name, corpus / name)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
+    argv = ["--data", str(corpus), "--out", str(root / "run"), "--pretrain-steps", "3", "--steps", "2",
+            "--seq-len", "32", "--batch-size", "2", "--eval-windows", "2", "--depth", "2", "--device", "cpu",
+            "--val-fraction", "0.2"]
+    assert train.main(argv) == 0
+    yield root, corpus, argv
+    mp.undo()
+
+
+def test_demo_prints_the_table(demo_run, capsys):
+    root, _, _ = demo_run
+    rows = json.loads((root / "run" / "results.json").read_text())
+    names = [r["name"] for r in rows]
+    assert names[0].startswith("full model") and names[1].startswith("cut baseline")
+    assert names[2].startswith("gate + norm only") and names[3].startswith("Ouroboros")
+    assert rows[2]["trainable"] < rows[3]["trainable"]  # the control has no Controller
+    for r in rows:
+        assert np.isfinite(r["loss"])
+    for arm in ("none", "dynamic"):
+        assert (root / "run" / arm / "checkpoint.safetensors").is_file()
+
+
+def test_base_is_cached_in_xdg_cache_and_loads_in_transformers(demo_run):
+    root, _, _ = demo_run
+    bases = list((root / "cache" / "ouroboros").glob("base-*/model"))
+    assert len(bases) == 1
+    transformers = pytest.importorskip("transformers")
+    ours = load_model(bases[0], torch.float32)
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(bases[0], torch_dtype=torch.float32)
+    ids = torch.tensor([load_tokenizer(bases[0]).encode("def f(x):\n    return x + 1\n").ids])
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
+def test_second_run_reuses_the_cache(demo_run, monkeypatch):
+    root, _, argv = demo_run
+    calls = []
+    monkeypatch.setattr(train, "train_bpe", lambda texts: calls.append("bpe"))
+    monkeypatch.setattr(train, "tokenize", lambda *a: calls.append("tokenize"))
+    out = root / "run2"
+    argv = [a if a != str(root / "run") else str(out) for a in argv]
+    assert train.main(argv) == 0
+    assert calls == []  # tokenizer, tokens and base all came from the cache
+    assert not list((root / "cache" / "ouroboros").glob("base-*/pretrain/*.tmp"))
+
+
+def test_held_out_files_never_appear_in_training(demo_run):
+    _, corpus, _ = demo_run
+    docs = train.read_documents(corpus)
+    train_docs, val_docs = train.split_documents(docs, 0.2)
+    assert val_docs and train_docs
+    assert not set(train_docs) & set(val_docs)
+    tok = load_tokenizer(next((demo_run[0] / "cache" / "ouroboros").glob("base-*/model")))
+    train_ids, _ = train.load_tokens(docs, 0.2, tok, demo_run[0] / "tokcheck", "k")
+    stream = train_ids.tobytes()
+    for text in val_docs:  # no held-out file's token sequence is inside the training stream
+        ids = np.asarray(tok.encode(text).ids[:64], dtype=np.uint32)
+        assert ids.tobytes() not in stream
+
+
+def test_stdlib_corpus_is_the_default(monkeypatch):
+    docs = train.read_documents(None)
+    names = [n for n, _ in docs]
+    assert "os.py" in names and not any(n.startswith("test/") for n in names)
+    assert names == sorted(names)
