@@ -918,11 +918,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is None and not (args.sample or args.eval_only):
             parser.set_defaults(**DEMO_ARM)
             return demo(parser.parse_args(argv))
-        if args.model is None:
-            return run(args)
         return run(args)
     except (RunError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the demo's file system errors (run() words its own)
+        print(f"error: {e}; fix that, then run again (--resume continues)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
