@@ -388,12 +388,12 @@ def gpu_suite(args) -> list[dict]:
     flops = count_flops(step)
     torch.cuda.reset_peak_memory_stats(device)
     t = median_seconds({"step": step}, args.repeats, warmup=2, sync=torch.cuda.synchronize)["step"]
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    peak = torch.cuda.max_memory_allocated(device) / 1e9  # GB, the paper's unit
     mfu = flops / t / args.peak_flops
     return [row(f"Ouroboros 3B-shaped train step, depth {depth}, seq {seq}, micro-batch {batch}, bf16 autocast",
                 batch * seq / t, None, "tok/s"),
             row(f"MFU (vs assumed bf16 peak {args.peak_flops / 1e12:.0f} TFLOP/s)", mfu, None, "MFU"),
-            row("peak GPU memory (max_memory_allocated) vs the paper's ~21 GB", peak, 21.0, "GiB", peak / 21.0,
+            row("peak GPU memory (max_memory_allocated) vs the paper's ~21 GB", peak, 21.0, "GB", peak / 21.0,
                 "ours/paper")]
 
 

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-every", type=int, default=10, help="progress line every N steps")
     a("--save-every", type=int, default=100, help="checkpoint every N steps (also at the end and on Ctrl-C)")
     a("--stop-after", type=int, help="stop with a checkpoint after N steps in this invocation (for time-sliced jobs)")
-    a("--pretrain-steps", type=int, default=200, help="demo only: optimizer steps pretraining its base model")
+    a("--pretrain-steps", type=int, default=160, help="demo only: optimizer steps pretraining its base model")
     a("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     # using a finished run
     a("--eval-only", action="store_true", help="recompute the comparison table of the run in --out")
@@ -816,7 +816,7 @@ DEMO_VOCAB = 4096
 # The base is pretrained once, with its own fixed seed: --seed varies only the Ouroboros arms trained on it.
 DEMO_PRETRAIN = dict(lr=2e-3, warmup=20, weight_decay=0.1, seed=0)
 # Flag defaults for the demo, sized for a 2-core CPU; every flag can still override them.
-DEMO_ARM = dict(seq_len=256, batch_size=16, grad_accum=1, steps=60, warmup=5, lr=2e-3, depth=4,
+DEMO_ARM = dict(seq_len=256, batch_size=16, grad_accum=1, steps=80, warmup=5, lr=2e-3, depth=4,
                 val_fraction=0.1, eval_windows=64, eval_every=0, log_every=25, save_every=50)
 
 
