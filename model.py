@@ -65,9 +65,11 @@ def project(linear: nn.Linear, x: torch.Tensor, name: str, mod: Modulation | Non
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # x * rsqrt(mean(x^2) + eps) in fp32 whatever the input dtype, then back, then the weight (Qwen2's order).
-    # F.rms_norm computes the same values as the four-op formula, with a cheaper backward.
-    return weight * F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
+    # Statistics in fp32 whatever the input dtype, then back, then the weight (Qwen2's order).
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
 
 
 class RMSNorm(nn.Module):

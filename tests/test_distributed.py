@@ -16,7 +16,7 @@ import torch
 
 from test_errors import refused
 from test_faults import metrics_lines, same_run
-from test_train import (FLAGS, ROOT, checkpoint_state, flags, metrics, one_thread, trainables,  # noqa: F401
+from test_train import (FLAGS, ROOT, checkpoint_state, flags, metrics, trainables,  # noqa: F401
                         wait_for, with_flag, world)
 
 import train

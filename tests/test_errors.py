@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from test_train import QCFG, ROOT, flags, one_thread, world  # noqa: F401 (one_thread, world: fixtures)
+from test_train import QCFG, ROOT, flags, world  # noqa: F401 (world: fixtures)
 from tiny import make_checkpoint, tiny_config
 
 import train

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from test_errors import error_line
-from test_train import (FLAGS, ROOT, checkpoint_state, flags, metrics, one_thread, trainables,  # noqa: F401
+from test_train import (FLAGS, ROOT, checkpoint_state, flags, metrics, trainables,  # noqa: F401
                         with_flag, world)
 
 import train

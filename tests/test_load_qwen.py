@@ -16,16 +16,6 @@ LIVELY = dict(initializer_range=0.2)  # every layer matters to the logits (see t
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tensors here are tiny: extra threads only add synchronisation, and on a busy 2-core machine they
-    # make the tests several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hf_logits(path, ids=IDS) -> torch.Tensor:
     with torch.no_grad():
         return Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(ids).logits

@@ -16,16 +16,6 @@ from tiny import make_checkpoint, random_model, tiny_config
 LIVELY = dict(initializer_range=0.2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tensors here are tiny: extra threads only add synchronisation, and on a busy 2-core machine they
-    # make the tests several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def hf_model(path) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 

@@ -33,15 +33,6 @@ FLAGS = ["--n-prelude", "1", "--recurrent-layer", "3", "--n-coda", "1", "--rank"
 RUN_FILES = ("config.json", train.CHECKPOINT, "metrics.jsonl", "results.json")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: threads only fight each other (10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def byte_bpe(texts, vocab_size):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
