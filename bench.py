@@ -457,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                              "1 gives steadier ratios on a machine busy with other work")
     parser.add_argument("--json", type=Path, help="also write the table's rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--repeats and --threads must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the subprocesses
