@@ -39,7 +39,7 @@ class RunError(Exception):
 
 
 # Flags that may differ on --resume without changing the result ("out": a run directory may be moved).
-RESUME_FREE = {"resume", "overwrite", "out", "log_every", "save_every", "eval_every", "device", "stop_after",
+RESUME_FREE = {"resume", "overwrite", "out", "log_every", "save_every", "eval_every", "device", "precision", "stop_after",
                "sample", "eval_only", "max_new_tokens", "temperature", "top_k"}
 
 
@@ -92,8 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--log-every", type=int, default=10, help="progress line every N steps")
     a("--save-every", type=int, default=100, help="checkpoint every N steps (also at the end and on Ctrl-C)")
     a("--stop-after", type=int, help="stop with a checkpoint after N steps in this invocation (for time-sliced jobs)")
-    a("--pretrain-steps", type=int, default=160, help="demo only: optimizer steps pretraining its base model")
+    a("--pretrain-steps", type=int, default=720, help="demo only: optimizer steps pretraining its base model")
     a("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    a("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+      help="matmul precision: bf16 autocast or fp32; trainable weights stay fp32 either way. auto: bf16 on CUDA "
+           "and on CPUs with native bf16 (AVX512-BF16 or AMX), fp32 on other CPUs, where bf16 is slow")
     # using a finished run
     a("--eval-only", action="store_true", help="recompute the comparison table of the run in --out")
     a("--sample", metavar="PROMPT", help="generate text from PROMPT with the trained run in --out")
@@ -384,10 +387,20 @@ def pick_device(name: str | None) -> torch.device:
     return device
 
 
-def autocast(device: torch.device):
-    # bf16 compute on GPU; fp32 on CPU, where bf16 matmuls are slow. Trainable weights stay fp32 either way.
+def resolve_precision(name: str, device: torch.device) -> str:
+    """--precision auto -> bf16 where the hardware multiplies bf16 natively (3x fp32 on an AVX512-BF16 CPU),
+    else fp32 (bf16 emulated on an older CPU is several times slower than fp32)."""
+    if name != "auto":
+        return name
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return "bf16"
+    native = (getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bf16" if any(native) else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -413,13 +426,13 @@ def fmt_time(seconds: float) -> str:
 
 
 @torch.no_grad()
-def evaluate(forward, val: Windows, n_windows: int, batch_size: int, device) -> float:
-    """Mean next-token loss over the first n_windows held-out windows (the same tokens for every model)."""
-    n = min(n_windows, val.n)
+def evaluate(forward, val: Windows, args, device) -> float:
+    """Mean next-token loss over the first --eval-windows held-out windows (the same tokens for every model)."""
+    n = min(args.eval_windows, val.n)
     total = 0.0
-    for start in range(0, n, batch_size):
-        x, y = inputs_and_targets(val.batch(start, min(batch_size, n - start), shuffle=False).to(device))
-        with autocast(device):
+    for start in range(0, n, args.batch_size):
+        x, y = inputs_and_targets(val.batch(start, min(args.batch_size, n - start), shuffle=False).to(device))
+        with autocast(device, args.precision):
             total += next_token_loss(forward(x), y).item() * x.shape[0]
     return total / n
 
@@ -501,7 +514,7 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
             for micro in range(args.grad_accum):
                 first = step * per_step + (micro * world + rank) * args.batch_size
                 x, y = inputs_and_targets(data.batch(first, args.batch_size).to(device, non_blocking=True))
-                with autocast(device):
+                with autocast(device, args.precision):
                     loss = next_token_loss(forward(x, depth), y)
                 (loss / args.grad_accum).backward()
                 loss_sum += loss.detach()
@@ -542,8 +555,7 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
                     print(f"step {step}/{args.steps} | loss {loss:.4f} | lr {lr:.2e} | "
                           + (f"depth {depth} | " if looped else "") + f"{speed:,.0f} tok/s | elapsed {fmt_time(elapsed)} | eta {fmt_time(eta)}", flush=True)
             if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                val_loss = evaluate(lambda x: forward(x, args.eval_depths[-1]), val, args.eval_windows,
-                                    args.batch_size, device)
+                val_loss = evaluate(lambda x: forward(x, args.eval_depths[-1]), val, args, device)
                 record.update(val_loss=val_loss)
                 if rank == 0:
                     print(f"step {step}: held-out loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})", flush=True)
@@ -688,10 +700,10 @@ def reference_rows(model_path, model: Ouroboros, val: Windows, args, device) -> 
     """Full model and cut baseline on the same held-out windows as every trained arm."""
     full = load_model(model_path, None if device.type == "cuda" else torch.float32, device)
     rows = [dict(name=f"full model ({len(full.layer_ids)} layers)", kept=count(full.parameters()), trainable=0,
-                 loss=evaluate(full, val, args.eval_windows, args.batch_size, device))]
+                 loss=evaluate(full, val, args, device))]
     del full
     rows.append(dict(name=f"cut baseline ({len(model.base.layer_ids)} layers)", kept=count(model.base.parameters()),
-                     trainable=0, loss=evaluate(model.base, val, args.eval_windows, args.batch_size, device)))
+                     trainable=0, loss=evaluate(model.base, val, args, device)))
     return rows
 
 
@@ -699,7 +711,7 @@ def arm_rows(model: Ouroboros, name: str, val: Windows, args, device) -> list[di
     model.eval()
     return [dict(name=f"{name}, depth {d}", kept=count(model.base.parameters()),
                  trainable=count(model.trainable_parameters().values()),
-                 loss=evaluate(lambda x: model(x, d), val, args.eval_windows, args.batch_size, device))
+                 loss=evaluate(lambda x: model(x, d), val, args, device))
             for d in args.eval_depths]
 
 
@@ -737,6 +749,7 @@ def train_arm(args, model: Ouroboros, data: Windows, val: Windows, out: Path, de
 
 def run(args) -> int:
     device = pick_device(args.device)
+    args.precision = resolve_precision(args.precision, device)
     out = check_out_dir(args)
     if args.sample or args.eval_only:
         return use_finished_run(args, out, device)
@@ -786,7 +799,7 @@ def use_finished_run(args, out: Path, device) -> int:
     if not (out / "config.json").is_file() or not (out / CHECKPOINT).is_file():
         raise RunError(f"{out}: no finished run here (config.json and {CHECKPOINT} are needed)")
     saved = argparse.Namespace(**read_run_config(out))
-    saved.device = args.device
+    saved.device, saved.precision = args.device, args.precision
     qcfg, model = prepare_arm(saved, device)
     load_checkpoint(out, model.trainable_parameters())
     if args.sample:
@@ -795,7 +808,7 @@ def use_finished_run(args, out: Path, device) -> int:
         if ids.numel() == 0:
             raise RunError("--sample needs a non-empty prompt")
         gen = torch.Generator(device=device).manual_seed(saved.seed)
-        with autocast(device):
+        with autocast(device, saved.precision):
             outp = model.eval().generate(ids, saved.eval_depths[-1], args.max_new_tokens, args.temperature,
                                          args.top_k, gen)
         print(tokenizer.decode(outp[0].tolist()))
@@ -813,9 +826,11 @@ def use_finished_run(args, out: Path, device) -> int:
 DEMO_BASE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
                  num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32")
 DEMO_VOCAB = 4096
-# The base is pretrained once, with its own fixed seed: --seed varies only the Ouroboros arms trained on it.
-DEMO_PRETRAIN = dict(lr=2e-3, warmup=20, weight_decay=0.1, seed=0)
-# Flag defaults for the demo, sized for a 2-core CPU; every flag can still override them.
+# The base's recipe is fixed (only --pretrain-steps and --precision change it, and each base is cached under
+# its own key): --seed, --lr, --batch-size etc. vary only the Ouroboros arms trained on it.
+DEMO_PRETRAIN = dict(seq_len=256, batch_size=4, grad_accum=1, lr=3e-3, warmup=20, min_lr_ratio=0.1,
+                     weight_decay=0.1, clip=1.0, seed=0)
+# Flag defaults for the demo's arms, sized for a 2-core CPU; every flag can still override them.
 DEMO_ARM = dict(seq_len=256, batch_size=16, grad_accum=1, steps=80, warmup=5, lr=2e-3, depth=4,
                 val_fraction=0.1, eval_windows=64, eval_every=0, log_every=25, save_every=50)
 
@@ -836,23 +851,27 @@ def train_bpe(texts: list[str]):
     return tok
 
 
-def pretrain_base(args, tokenizer, data: Windows, val: Windows, base_dir: Path, device) -> Path:
+def pretrain_base(args, tokenizer, train_ids: np.ndarray, base_dir: Path, device) -> Path:
     """Pretrains the demo's base Qwen2 (all weights trainable, same loop) and saves it in HF layout."""
     from load_qwen import save_model
     from model import Qwen2, Qwen2Config
     model_dir = base_dir / "model"
     if (model_dir / "config.json").is_file():
         return model_dir
-    cfg = Qwen2Config(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=args.seq_len, **DEMO_BASE)
     pargs = argparse.Namespace(**{**vars(args), **DEMO_PRETRAIN, "steps": args.pretrain_steps, "eval_every": 0,
                                   "stop_after": None})
+    if len(train_ids) <= pargs.seq_len:
+        raise RunError(f"the training split has {len(train_ids)} tokens, too few to pretrain the demo base on "
+                       f"windows of {pargs.seq_len}; pass --data with more text")
+    cfg = Qwen2Config(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=pargs.seq_len, **DEMO_BASE)
+    data = Windows(train_ids, pargs.seq_len, pargs.seed)
     torch.manual_seed(pargs.seed)
     model = Qwen2(cfg).to(device).train()
     run_dir = base_dir / "pretrain"
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"pretraining the demo base: Qwen2 with {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
           f"{count(model.parameters()):,} parameters, {pargs.steps} steps (cached for later runs)")
-    train(lambda x, depth: model(x), dict(model.named_parameters()), data, val, pargs, run_dir, device,
+    train(lambda x, depth: model(x), dict(model.named_parameters()), data, None, pargs, run_dir, device,
           (run_dir / CHECKPOINT).is_file(), looped=False)
     tmp = base_dir / "model.tmp"
     save_model(model.eval(), tmp, tokenizer)
@@ -865,6 +884,7 @@ def demo(args) -> int:
     if args.pretrain_steps < 1:
         raise RunError(f"--pretrain-steps {args.pretrain_steps} is invalid; pass a value >= 1")
     device = pick_device(args.device)
+    args.precision = resolve_precision(args.precision, device)
     t0 = time.time()
     out = Path(args.out) if args.out else next(Path("runs") / f"demo-{i}" for i in range(1, 10**6)
                                                if not (Path("runs") / f"demo-{i}").exists())
@@ -885,7 +905,10 @@ def demo(args) -> int:
         os.replace(tok_file.with_suffix(".tmp"), tok_file)
     train_ids, val_ids = load_tokens(docs, args.val_fraction, tokenizer, cache, f"{key}|tokens")
     data, val = windows_for(train_ids, val_ids, args, tokenizer.get_vocab_size())
-    base = pretrain_base(args, tokenizer, data, val, cache / f"base-{key}-{args.pretrain_steps}", device)
+    # The base depends on the data, the recipe and the precision: any change pretrains (and caches) another.
+    recipe = f"{DEMO_BASE}|{DEMO_PRETRAIN}|{args.pretrain_steps}|{args.precision}"
+    base_dir = cache / f"base-{key}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
+    base = pretrain_base(args, tokenizer, train_ids, base_dir, device)
     print(f"base model ready in {base} ({fmt_time(time.time() - t0)} so far)")
     rows = None
     for controller in ("none", "dynamic"):

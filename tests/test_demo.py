@@ -66,10 +66,20 @@ def test_second_run_reuses_the_cache(demo_run, monkeypatch):
     monkeypatch.setattr(train, "train_bpe", lambda texts: calls.append("bpe"))
     monkeypatch.setattr(train, "tokenize", lambda *a: calls.append("tokenize"))
     out = root / "run2"
-    argv = [a if a != str(root / "run") else str(out) for a in argv]
+    # The arms' flags (seed, batch size, learning rate) are not the base's recipe: the cached base serves them.
+    argv = [a if a != str(root / "run") else str(out) for a in argv] + ["--batch-size", "3", "--seed", "1", "--lr", "1e-3"]
     assert train.main(argv) == 0
     assert calls == []  # tokenizer, tokens and base all came from the cache
+    assert len(list((root / "cache" / "ouroboros").glob("base-*"))) == 1
     assert not list((root / "cache" / "ouroboros").glob("base-*/pretrain/*.tmp"))
+
+
+def test_base_recipe_keys_the_cache(demo_run, monkeypatch):
+    root, _, argv = demo_run
+    monkeypatch.setitem(train.DEMO_PRETRAIN, "lr", train.DEMO_PRETRAIN["lr"] / 2)
+    argv = [a if a != str(root / "run") else str(root / "run3") for a in argv]
+    assert train.main(argv) == 0
+    assert len(list((root / "cache" / "ouroboros").glob("base-*/model"))) == 2  # another recipe, another base
 
 
 def test_held_out_files_never_appear_in_training(demo_run):
@@ -91,3 +101,18 @@ def test_stdlib_corpus_is_the_default(monkeypatch):
     names = [n for n, _ in docs]
     assert "os.py" in names and not any(n.startswith("test/") for n in names)
     assert names == sorted(names)
+
+
+def test_data_too_small_to_pretrain_the_base_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        (corpus / f"m{i}.py").write_text(f"x{i} = {i} + 1\n")
+    out = tmp_path / "run"
+    argv = ["--data", str(corpus), "--out", str(out), "--seq-len", "4", "--val-fraction", "0.3", "--device", "cpu"]
+    capsys.readouterr()
+    assert train.main(argv) == 2
+    err = [l for l in capsys.readouterr().err.replace("\r", "\n").splitlines() if l.startswith("error")]
+    assert len(err) == 1 and "too few to pretrain the demo base" in err[0] and "--data" in err[0], err
+    assert not out.exists()

@@ -358,7 +358,9 @@ def test_held_out_tokens_never_reach_training(world, reference, tmp_path):
         assert " " + " ".join(map(str, tok.encode(t).ids + [eos])) + " " not in stream
 
     cut = load_model(ckpt, torch.float32, "cpu", layers=[0, 3, 5])
-    losses = [train.evaluate(cut, train.Windows(ids, 16, 0), 4, 2, torch.device("cpu")) for ids in (val_ids, train_ids)]
+    cpu = torch.device("cpu")
+    how = argparse.Namespace(eval_windows=4, batch_size=2, precision=train.resolve_precision("auto", cpu))
+    losses = [train.evaluate(cut, train.Windows(ids, 16, 0), how, cpu) for ids in (val_ids, train_ids)]
     table = json.loads((reference / "results.json").read_text())
     assert table[1]["loss"] == pytest.approx(losses[0], rel=1e-6)
     assert table[1]["loss"] != pytest.approx(losses[1], rel=1e-4)
