@@ -828,10 +828,10 @@ DEMO_BASE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, nu
 DEMO_VOCAB = 4096
 # The base's recipe is fixed (only --pretrain-steps and --precision change it, and each base is cached under
 # its own key): --seed, --lr, --batch-size etc. vary only the Ouroboros arms trained on it.
-DEMO_PRETRAIN = dict(seq_len=256, batch_size=4, grad_accum=1, lr=3e-3, warmup=20, min_lr_ratio=0.1,
+DEMO_PRETRAIN = dict(seq_len=256, batch_size=4, grad_accum=1, lr=2e-3, warmup=20, min_lr_ratio=0.1,
                      weight_decay=0.1, clip=1.0, seed=0)
 # Flag defaults for the demo's arms, sized for a 2-core CPU; every flag can still override them.
-DEMO_ARM = dict(seq_len=256, batch_size=16, grad_accum=1, steps=80, warmup=5, lr=2e-3, depth=4,
+DEMO_ARM = dict(seq_len=256, batch_size=16, grad_accum=1, steps=80, warmup=5, lr=3e-4, depth=4,
                 val_fraction=0.1, eval_windows=64, eval_every=0, log_every=25, save_every=50)
 
 
