@@ -38,9 +38,10 @@ class RunError(Exception):
     """A user error found while preparing or running: bad data, a bad out directory, a bad resume."""
 
 
-# Flags that may differ on --resume without changing the result ("out": a run directory may be moved).
-RESUME_FREE = {"resume", "overwrite", "out", "log_every", "save_every", "eval_every", "device", "precision", "stop_after",
-               "sample", "eval_only", "max_new_tokens", "temperature", "top_k"}
+# Flags that may differ on --resume: they change nothing that is trained, at most the rounding (device,
+# precision); "out": a run directory may be moved.
+RESUME_FREE = {"resume", "overwrite", "out", "log_every", "save_every", "eval_every", "device", "precision",
+               "stop_after", "sample", "eval_only", "max_new_tokens", "temperature", "top_k"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -388,8 +389,8 @@ def pick_device(name: str | None) -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """--precision auto -> bf16 where the hardware multiplies bf16 natively (3x fp32 on an AVX512-BF16 CPU),
-    else fp32 (bf16 emulated on an older CPU is several times slower than fp32)."""
+    """--precision auto -> bf16 where the hardware multiplies bf16 natively (an AVX512-BF16 CPU runs bf16 matmuls
+    at about 3x its fp32 rate), else fp32 (bf16 emulated on an older CPU is several times slower than fp32)."""
     if name != "auto":
         return name
     if device.type == "cuda":
