@@ -200,6 +200,7 @@ def test_bad_split_rank_or_depth(world, tmp_path, capsys, extra, words):
     (["--val-fraction", "1.5"], ["--val-fraction 1.5", "between 0 and 1"]),
     (["--no-such-flag"], ["unrecognized arguments: --no-such-flag", "--help"]),
     (["--steps", "three"], ["--steps", "'three'"]),
+    (["--precision", "fp16"], ["--precision", "'fp16'", "bf16"]),
 ], ids=lambda v: "".join(v).lstrip("-") if isinstance(v, list) and v[0].startswith("--") else None)
 def test_bad_flag_value(world, tmp_path, capsys, extra, words):
     refused(flags(world, tmp_path / "out", *extra), capsys, tmp_path / "out", *words)

@@ -314,6 +314,21 @@ def test_logged_depths_are_the_draws(world, tmp_path):
     assert set(logged) == {1, 2}
 
 
+def test_precision_is_recorded_and_used(world, tmp_path):
+    cpu = torch.device("cpu")
+    assert train.resolve_precision("fp32", cpu) == "fp32" and train.resolve_precision("bf16", cpu) == "bf16"
+    assert train.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    assert train.resolve_precision("auto", cpu) in ("bf16", "fp32")
+    base = with_flag(FLAGS, "--steps", "1")
+    losses = {}
+    for p in ("fp32", "bf16"):
+        assert train.main(flags(world, tmp_path / p, "--precision", p, base=base)) == 0
+        assert json.loads((tmp_path / p / "config.json").read_text())["precision"] == p
+        losses[p] = metrics(tmp_path / p)[0]["loss"]
+    # the same step in both precisions: close, but bf16 rounding shows
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2) and losses["bf16"] != losses["fp32"]
+
+
 def test_lr_schedule():
     args = argparse.Namespace(lr=1e-3, warmup=10, steps=100, min_lr_ratio=0.1)
     lrs = [train.get_lr(s, args) for s in range(args.steps)]
