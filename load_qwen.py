@@ -137,6 +137,9 @@ class Checkpoint:
             t = self.handles[self.where[key]].get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: cannot read tensor {key} ({e}); the file is corrupted, download it again") from None
+        if not t.is_floating_point():
+            raise CheckpointError(f"{file}: tensor {key} is {str(t.dtype).removeprefix('torch.')}; Qwen2 weights are "
+                                  "floating point, so the file is not a Qwen2 checkpoint or is damaged, download it again")
         if shape is not None and t.shape != shape:
             raise CheckpointError(f"{file}: tensor {key} has shape {list(t.shape)}, config.json implies {list(shape)}; "
                                   "the weights do not match the config")

@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import hashlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import sysconfig
 import time
+import zlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -48,12 +52,25 @@ class Parser(argparse.ArgumentParser):
         raise RunError(f"{message}; see python train.py --help")
 
 
+def number(text: str) -> float:
+    """A float flag: nan and inf are refused here, so no run starts with them."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description="Train Ouroboros (a looped Qwen2 layer with input-conditioned LoRA) on a Qwen2 checkpoint.")
+    # allow_abbrev=False: "--step 40" must not silently mean --steps.
+    p = Parser(description="Train Ouroboros (a looped Qwen2 layer with input-conditioned LoRA) on a Qwen2 checkpoint. "
+                           "Without --model: the offline CPU demo, whose defaults are sized for a 2-core CPU "
+                           "(--steps 80 --seq-len 256 --batch-size 16 --grad-accum 1 --depth 4 ...).",
+               allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", help="Qwen2/Qwen2.5 checkpoint directory (Hugging Face layout). Omit for the offline CPU demo.")
-    a("--data", help="training text: a file (documents separated by blank lines), a directory of text files, "
-                     "or a .jsonl with a 'text' field. The demo defaults to the Python standard library's source.")
+    a("--data", help="training text: a file (documents separated by blank lines), a directory of text files "
+                     "(hidden ones skipped), or a .jsonl with a 'text' field (and optionally an 'id'); .gz files "
+                     "are read through gzip. The demo defaults to the Python standard library's source.")
     a("--out", help="run directory: config, checkpoint, metrics.jsonl, results.json")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -66,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="Controller input: causal running mean (default) or the paper's whole-sequence mean, which leaks "
            "future tokens into the weights at each position")
     a("--rank", type=int, default=32, help="LoRA rank r")
-    a("--alpha", type=float, default=16.0, help="LoRA alpha; the delta is scaled by alpha / r")
+    a("--alpha", type=number, default=16.0, help="LoRA alpha; the delta is scaled by alpha / r")
     a("--depth", type=int, default=8, help="recurrent steps per forward")
     a("--depths", help="comma list, e.g. 4,8,16: depth drawn per optimizer step from a seeded generator "
                        "(overrides --depth; evaluation runs at each)")
@@ -80,15 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seq-len", type=int, default=2048, help="tokens per window")
     a("--batch-size", type=int, default=2, help="windows per micro-batch (per process)")
     a("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
-    a("--lr", type=float, default=3e-4, help="peak learning rate")
-    a("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
+    a("--lr", type=number, default=3e-4, help="peak learning rate")
+    a("--min-lr-ratio", type=number, default=0.1, help="final learning rate as a fraction of --lr")
     a("--warmup", type=int, default=50, help="linear warmup, in optimizer steps")
-    a("--weight-decay", type=float, default=0.1, help="AdamW weight decay (matrices only)")
-    a("--clip", type=float, default=1.0, help="gradient norm clip")
+    a("--weight-decay", type=number, default=0.01,
+      help="AdamW weight decay (the paper's 0.01), on the weight matrices of the Controller and the gate only: "
+           "never on norms, step embeddings, the static c or biases")
+    a("--clip", type=number, default=1.0, help="gradient norm clip")
     a("--seed", type=int, default=0, help="seed for data order, depth draws and initialisation")
-    a("--val-fraction", type=float, default=0.01, help="share of documents held out for evaluation")
-    a("--eval-windows", type=int, default=64, help="held-out windows used for every evaluation (the first N)")
-    a("--eval-every", type=int, default=200, help="held-out evaluation every N steps (0: only at the end)")
+    a("--dev-fraction", type=number, default=0.01,
+      help="share of documents in the dev split, read by --eval-every (and by any tuning)")
+    a("--test-fraction", type=number, default=0.01,
+      help="share of documents in the test split, read only by the final comparison table")
+    a("--eval-windows", type=int, default=256,
+      help="windows scored per evaluation, spread evenly over the whole split (0: every window)")
+    a("--eval-every", type=int, default=200, help="dev-split evaluation every N steps (0: never)")
     a("--log-every", type=int, default=10, help="progress line every N steps")
     a("--save-every", type=int, default=100, help="checkpoint every N steps (also at the end and on Ctrl-C)")
     a("--stop-after", type=int, help="stop with a checkpoint after N steps in this invocation (for time-sliced jobs)")
@@ -101,62 +124,115 @@ def build_parser() -> argparse.ArgumentParser:
     a("--eval-only", action="store_true", help="recompute the comparison table of the run in --out")
     a("--sample", metavar="PROMPT", help="generate text from PROMPT with the trained run in --out")
     a("--max-new-tokens", type=int, default=100, help="with --sample")
-    a("--temperature", type=float, default=0.8, help="with --sample; 0 is greedy")
+    a("--temperature", type=number, default=0.8, help="with --sample; 0 is greedy")
     a("--top-k", type=int, default=50, help="with --sample")
     return p
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Data: documents -> one token stream with end-of-text between documents -> windows of seq_len + 1 tokens.
+# Documents are split three ways by a hash of their content: train; dev, read by --eval-every and any tuning;
+# test, read only by the final comparison table.
 
-def stdlib_documents() -> list[tuple[str, str]]:
+SPLITS = ("train", "dev", "test")
+
+
+class Doc(NamedTuple):
+    name: str  # where it came from, for messages
+    text: str
+    id: str | None = None  # a .jsonl record's "id": the split follows it instead of the text
+
+
+def stdlib_documents() -> list[Doc]:
     """The demo corpus: the running interpreter's standard library source, present on every machine.
     Its test suites are left out (they are mostly generated data and would dominate)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
     files = sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
-    return [(str(f.relative_to(root)), f.read_text(errors="replace")) for f in files]
+    return [Doc(str(f.relative_to(root)), f.read_text(errors="replace")) for f in files]
 
 
-def read_documents(path) -> list[tuple[str, str]]:
-    """(name, text) pairs from a text file (split at blank lines), a directory (one file each), or a .jsonl.
+def read_text(file: Path) -> str:
+    """A file's text, through gzip for .gz; anything that is not UTF-8 text (a binary file) is refused."""
+    try:
+        raw = gzip.open(file).read() if file.suffix == ".gz" else file.read_bytes()
+        if b"\0" in raw:
+            raise UnicodeError
+        return raw.decode("utf-8")
+    except (UnicodeError, gzip.BadGzipFile, EOFError, zlib.error):
+        raise RunError(f"{file}: not a UTF-8 text file (binary data?); pass text, a .jsonl, or a .gz of either") from None
+
+
+def jsonl_documents(path: Path, text: str) -> list[Doc]:
+    docs = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            what = "not a JSON object" if not isinstance(record, dict) else \
+                "no 'text' field" if "text" not in record else f"'text' is {json.dumps(record['text'])}, not a string"
+            raise RunError(f"{path}:{n}: {what}; each line must be a JSON object with a string 'text' field")
+        docs.append(Doc(f"{path.name}:{n}", record["text"], None if record.get("id") is None else str(record["id"])))
+    return docs
+
+
+def read_documents(path) -> list[Doc]:
+    """Documents from a text file (split at blank lines), a directory (one file each), or a .jsonl.
     None means the demo corpus."""
     if path is None:
         return stdlib_documents()
+    if not str(path).strip():
+        raise RunError("--data is empty (an unset shell variable?); pass a text file, a directory or a .jsonl")
     path = Path(path)
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file())
-        docs = [(str(f.relative_to(path)), f.read_text(errors="replace")) for f in files]
-    elif path.suffix == ".jsonl" and path.is_file():
+        files = sorted(f for f in path.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(path).parts))
         docs = []
-        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            if line.strip():
-                try:
-                    docs.append((f"line {n}", str(json.loads(line)["text"])))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise RunError(f"{path}:{n}: not a JSON object with a 'text' field; fix or remove the line") from None
+        for f in files:
+            name = str(f.relative_to(path))
+            docs += jsonl_documents(f, read_text(f)) if f.name.endswith((".jsonl", ".jsonl.gz")) \
+                else [Doc(name, read_text(f))]
+    elif path.is_file() and path.name.endswith((".jsonl", ".jsonl.gz")):
+        docs = jsonl_documents(path, read_text(path))
     elif path.is_file():
-        text = path.read_text(errors="replace")
-        docs = [(f"paragraph {n}", t) for n, t in enumerate(text.split("\n\n")) if t.strip()]
+        docs = [Doc(f"{path.name}, paragraph {n}", t) for n, t in enumerate(read_text(path).split("\n\n"))]
     else:
         raise RunError(f"{path}: no such file or directory; pass --data a text file, a directory or a .jsonl")
-    docs = [(n, t) for n, t in docs if t.strip()]
+    docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise RunError(f"{path}: holds no text; pass --data with some documents")
     return docs
 
 
-def split_documents(docs, val_fraction: float):
-    """Deterministic train / held-out split by document: a document is held out when the hash of its name
-    falls below val_fraction, so the split does not depend on order, seed or machine."""
-    def held_out(name):
-        return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) / 16**8 < val_fraction
-    train = [t for n, t in docs if not held_out(n)]
-    val = [t for n, t in docs if held_out(n)]
-    if not train or not val:
-        raise RunError(f"the {len(docs)} documents give {len(train)} for training and {len(val)} held out; "
-                       "use more documents or another --val-fraction")
-    return train, val
+def split_of(doc: Doc, dev_fraction: float, test_fraction: float) -> str:
+    """A document's split, from a hash of its content (or its id): the same wherever the document sits in the
+    corpus, and copies of one document always land together."""
+    key = doc.text if doc.id is None else f"id:{doc.id}"
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
+    return "test" if u < test_fraction else "dev" if u < test_fraction + dev_fraction else "train"
+
+
+def split_documents(docs: list[Doc], dev_fraction: float, test_fraction: float) -> dict[str, list[str]]:
+    parts = {s: [] for s in SPLITS}
+    for d in docs:
+        parts[split_of(d, dev_fraction, test_fraction)].append(d.text)
+    if not all(parts.values()):
+        counts = ", ".join(f"{len(v)} {k}" for k, v in parts.items())
+        raise RunError(f"the {len(docs)} documents split into {counts}; every split needs one, so use more documents "
+                       "or larger --dev-fraction / --test-fraction")
+    return parts
+
+
+def corpus_digest(docs: list[Doc]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(f"{d.id}|{len(d.text)}|".encode())
+        h.update(d.text.encode())
+    return h.hexdigest()
 
 
 def tokenize(texts: list[str], tokenizer, eos_id: int, what: str) -> np.ndarray:
@@ -178,48 +254,65 @@ def eos_token_id(tokenizer) -> int:
     raise RunError("the tokenizer has no end-of-text token (<|endoftext|>); use the checkpoint's own tokenizer.json")
 
 
-def load_tokens(docs, val_fraction, tokenizer, cache_dir: Path, key: str, check=None) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenised train and held-out streams, cached in cache_dir under a key of everything they depend on.
-    check(train, val) may refuse them before anything is cached, so unusable data leaves no file behind."""
+def load_tokens(docs, args, tokenizer, cache_dir: Path, key: str, check=None) -> dict[str, np.ndarray]:
+    """Tokenised train, dev and test streams, cached in cache_dir under a key of everything they depend on.
+    check(streams) may refuse them before anything is cached, so unusable data leaves no file behind."""
+    key = f"{key}|{args.dev_fraction}|{args.test_fraction}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    files = [cache_dir / f"tokens-{digest}-{part}.npy" for part in ("train", "val")]
-    if all(f.is_file() for f in files):
-        return tuple(np.load(f) for f in files)
-    train, val = split_documents(docs, val_fraction)
+    files = {s: cache_dir / f"tokens-{digest}-{s}.npy" for s in SPLITS}
+    if all(f.is_file() for f in files.values()):
+        return {s: np.load(f) for s, f in files.items()}
+    parts = split_documents(docs, args.dev_fraction, args.test_fraction)
     eos = eos_token_id(tokenizer)
-    out = (tokenize(train, tokenizer, eos, "training split"), tokenize(val, tokenizer, eos, "held-out split"))
+    streams = {s: tokenize(parts[s], tokenizer, eos, f"{s} split") for s in SPLITS}
     if check is not None:
-        check(*out)
+        check(streams)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    for f, arr in zip(files, out):
+    for s, f in files.items():
         tmp = f.with_suffix(".tmp.npy")
-        np.save(tmp, arr)
+        np.save(tmp, streams[s])
         os.replace(tmp, f)
-    return out
+    return streams
 
 
 class Windows:
     """Consecutive windows of seq_len + 1 tokens; sample k of the training order is window perm_e[k mod n]
     with a fresh seeded permutation each epoch e, so the data position is just a sample count."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int):
-        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, eos_id: int | None = None):
+        self.tokens, self.seq_len, self.seed, self.eos_id = tokens, seq_len, seed, eos_id
         self.n = (len(tokens) - 1) // seq_len
         self._perm = (None, None)
 
     def window(self, i: int) -> np.ndarray:
         return self.tokens[i * self.seq_len: i * self.seq_len + self.seq_len + 1]
 
-    def batch(self, start: int, size: int, shuffle: bool = True) -> torch.Tensor:
-        rows = []
+    def rows(self, indices) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.window(j).astype(np.int64) for j in indices]))  # (len, seq_len + 1)
+
+    def batch(self, start: int, size: int) -> torch.Tensor:
+        indices = []
         for k in range(start, start + size):
             epoch, j = divmod(k, self.n)
-            if shuffle:
-                if self._perm[0] != epoch:
-                    self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
-                j = self._perm[1][j]
-            rows.append(self.window(j).astype(np.int64))
-        return torch.from_numpy(np.stack(rows))  # (size, seq_len + 1)
+            if self._perm[0] != epoch:
+                self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+            indices.append(self._perm[1][j])
+        return self.rows(indices)
+
+    def spread(self, k: int) -> list[int]:
+        """k windows spaced evenly from the first to the last (every window when k is 0 or >= n), so an
+        evaluation covers the whole split, not its first documents."""
+        if k <= 0 or k >= self.n:
+            return list(range(self.n))
+        return sorted(set(np.linspace(0, self.n - 1, k).round().astype(int).tolist()))
+
+    def documents_in(self, indices) -> int:
+        """How many documents the given windows score a token of (each document ends with end-of-text)."""
+        doc = np.concatenate(([0], np.cumsum(self.tokens == self.eos_id)))  # token i is in document doc[i]
+        seen = set()
+        for j in indices:  # window j's targets are tokens j*T + 1 .. j*T + T
+            seen.update(range(int(doc[j * self.seq_len + 1]), int(doc[j * self.seq_len + self.seq_len]) + 1))
+        return len(seen)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -268,18 +361,20 @@ CHECKPOINT = "checkpoint.safetensors"
 
 def save_checkpoint(out: Path, params: dict, optimizer, state: dict) -> None:
     tensors = {f"param.{n}": p.detach().cpu().contiguous() for n, p in params.items()}
-    opt = optimizer.state_dict()
-    for i, s in opt["state"].items():
+    # The optimizer state is stored by parameter name (the optimizer itself numbers them by position).
+    names = optimizer_order(params, optimizer)
+    scalars = []
+    for i, s in optimizer.state_dict()["state"].items():
         for k, v in s.items():
-            tensors[f"opt.{i}.{k}"] = v.detach().cpu().contiguous().reshape(-1) if v.dim() == 0 else v.detach().cpu().contiguous()
+            key = f"opt.{k}.{names[i]}"
+            tensors[key] = v.detach().cpu().contiguous().reshape(-1) if v.dim() == 0 else v.detach().cpu().contiguous()
+            scalars += [key] if v.dim() == 0 else []
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
-    meta = dict(state, param_groups=opt["param_groups"], scalar_keys=[f"opt.{i}.{k}" for i, s in opt["state"].items()
-                                                                      for k, v in s.items() if v.dim() == 0])
     tmp = out / (CHECKPOINT + ".tmp")  # a stale one left by a killed run is simply written over
     try:
-        save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+        save_file(tensors, str(tmp), metadata={"state": json.dumps(dict(state, scalar_keys=scalars))})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out / CHECKPOINT)
@@ -290,7 +385,13 @@ def save_checkpoint(out: Path, params: dict, optimizer, state: dict) -> None:
                        "last complete checkpoint is kept; fix the cause (a full disk?), then --resume") from None
 
 
-def load_checkpoint(out: Path, params: dict | None = None, optimizer=None) -> dict:
+def optimizer_order(params: dict, optimizer) -> list[str]:
+    name_of = {id(p): n for n, p in params.items()}
+    return [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def read_checkpoint(out: Path) -> tuple[dict, dict]:
+    """(metadata, tensors) of the run's checkpoint, read once; restore() puts them back."""
     file = out / CHECKPOINT
     if not file.is_file():
         raise RunError(f"{file}: no checkpoint to resume from; start a new run without --resume")
@@ -300,22 +401,35 @@ def load_checkpoint(out: Path, params: dict | None = None, optimizer=None) -> di
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as e:
         raise RunError(f"{file}: unreadable checkpoint ({e}); restore it or start again with --overwrite") from None
-    if params is not None:
+    return meta, tensors
+
+
+def restore(checkpoint: tuple[dict, dict], out: Path, params: dict, optimizer=None) -> dict:
+    """Copies a checkpoint into the parameters (and the optimizer and RNG states); returns its metadata."""
+    meta, tensors = checkpoint
+    for n, p in params.items():
+        if f"param.{n}" not in tensors or tensors[f"param.{n}"].shape != p.shape:
+            raise RunError(f"{out / CHECKPOINT}: no parameter {n} of shape {list(p.shape)}; the checkpoint is not "
+                           "this run's, restore it or start again with --overwrite")
+    with torch.no_grad():
         for n, p in params.items():
-            if f"param.{n}" not in tensors or tensors[f"param.{n}"].shape != p.shape:
-                raise RunError(f"{file}: no parameter {n} of shape {list(p.shape)}; the checkpoint is not this "
-                               "run's, restore it or start again with --overwrite")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[f"param.{n}"])
+            p.copy_(tensors[f"param.{n}"])
     if optimizer is not None:
-        scalars = set(meta["scalar_keys"])
+        index = {n: i for i, n in enumerate(optimizer_order(params, optimizer))}
         state = {}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, i, name = k.split(".", 2)
-                state.setdefault(int(i), {})[name] = v.reshape(()) if k in scalars else v
-        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        for key, v in tensors.items():
+            if key.startswith("opt."):
+                _, k, name = key.split(".", 2)
+                if name not in index:
+                    raise RunError(f"{out / CHECKPOINT}: optimizer state for {name}, which this run does not "
+                                   "train; the checkpoint is not this run's, start again with --overwrite")
+                state.setdefault(index[name], {})[k] = v.reshape(()) if key in meta["scalar_keys"] else v
+        if state and len(state) != len(index):
+            missing = sorted(set(index) - {n for n, i in index.items() if i in state})
+            raise RunError(f"{out / CHECKPOINT}: no optimizer state for {missing[0]}; the checkpoint is not "
+                           "this run's, start again with --overwrite")
+        # The groups (and so which tensors are decayed) are this run's; only the per-tensor state is loaded.
+        optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -426,33 +540,50 @@ def fmt_time(seconds: float) -> str:
 
 
 @torch.no_grad()
-def evaluate(forward, val: Windows, args, device) -> float:
-    """Mean next-token loss over the first --eval-windows held-out windows (the same tokens for every model)."""
-    n = min(args.eval_windows, val.n)
+def evaluate(forward, split: Windows, args, device, what: str | None = None) -> float:
+    """Mean next-token loss over --eval-windows windows spread over the whole split (the same tokens for every
+    model). With `what`, a progress line on stderr."""
+    indices = split.spread(args.eval_windows)
     total = 0.0
-    for start in range(0, n, args.batch_size):
-        x, y = inputs_and_targets(val.batch(start, min(args.batch_size, n - start), shuffle=False).to(device))
+    for start in range(0, len(indices), args.batch_size):
+        chunk = indices[start:start + args.batch_size]
+        x, y = inputs_and_targets(split.rows(chunk).to(device))
         with autocast(device, args.precision):
-            total += next_token_loss(forward(x), y).item() * x.shape[0]
-    return total / n
+            total += next_token_loss(forward(x), y).item() * len(chunk)
+        if what:
+            print(f"\revaluating {what}: {start + len(chunk)}/{len(indices)} windows", end="", file=sys.stderr,
+                  flush=True)
+    if what:
+        print(file=sys.stderr)
+    return total / len(indices)
+
+
+def build_optimizer(model: torch.nn.Module, params: dict, args, device) -> torch.optim.AdamW:
+    """AdamW over `params`. Weight decay pulls towards 0, so it goes only on the weight matrices of linear
+    layers (the Controller's and the gate's; every matrix of a model pretrained from scratch). Never on norms
+    (a norm row no step reaches would shrink), step embeddings, the static c or biases."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    decay = [p for p in params.values() if id(p) in linear]
+    rest = [p for p in params.values() if id(p) not in linear]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
 class Interrupted(Exception):
     pass
 
 
-def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, device, resume: bool,
-          looped: bool = True, world: int = 1, rank: int = 0) -> dict:
-    """Optimizes `params` (fp32) so that forward(inputs, depth) predicts the next token. `looped` is False
-    for the demo's pretraining, where there is no depth. Returns the training state."""
-    decay = [p for p in params.values() if p.dim() >= 2]
-    no_decay = [p for p in params.values() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+def train(forward, model: torch.nn.Module, data: Windows, dev: Windows | None, args, out: Path, device,
+          resume_from: tuple | None = None, looped: bool = True, world: int = 1, rank: int = 0) -> dict:
+    """Optimizes the trainable parameters of `model` (fp32) so that forward(inputs, depth) predicts the next
+    token; `dev` is the split --eval-every reads. `looped` is False for the demo's pretraining, where there is no
+    depth. `resume_from`: a checkpoint read by read_checkpoint. Returns the training state."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = build_optimizer(model, params, args, device)
     state = dict(step=0, bad_steps=0, world=world)
-    if resume:
-        state = load_checkpoint(out, params, optimizer)
+    if resume_from is not None:
+        state = restore(resume_from, out, params, optimizer)
         if rank == 0:
             # Drop log lines written after the checkpoint: the resumed run writes them again, identically. The
             # file is replaced atomically, so a kill during the rewrite loses no line.
@@ -462,6 +593,7 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
             (out / "metrics.jsonl.tmp").write_text("".join(l + "\n" for l in keep))
             os.replace(out / "metrics.jsonl.tmp", file)
             print(f"resuming at step {state['step']}")
+    state.pop("scalar_keys", None)
     per_step = args.batch_size * args.grad_accum * world  # windows per optimizer step, all processes
     tokens_per_step = per_step * args.seq_len
     start_step, t0 = state["step"], time.time()
@@ -485,9 +617,14 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
             held["pending"] = flag.item() > 0
         return held["pending"]
 
+    saved = dict(step=state["step"] if resume_from is not None else None)
+
     def save() -> None:
         # Every process gets here at the same steps. The parameters are checked to be identical everywhere
-        # before they are written; only rank 0 writes, and a failed write stops every process.
+        # before they are written; only rank 0 writes, and a failed write stops every process. A step already
+        # on disk is not written again.
+        if saved["step"] == state["step"]:
+            return
         agree(world, params=params)
         error = None
         if rank == 0:
@@ -496,6 +633,7 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
             except RunError as e:
                 error = e
         agree(world, error)
+        saved["step"] = state["step"]
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -555,10 +693,10 @@ def train(forward, params: dict, data: Windows, val: Windows, args, out: Path, d
                     print(f"step {step}/{args.steps} | loss {loss:.4f} | lr {lr:.2e} | "
                           + (f"depth {depth} | " if looped else "") + f"{speed:,.0f} tok/s | elapsed {fmt_time(elapsed)} | eta {fmt_time(eta)}", flush=True)
             if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                val_loss = evaluate(lambda x: forward(x, args.eval_depths[-1]), val, args, device)
-                record.update(val_loss=val_loss)
+                dev_loss = evaluate(lambda x: forward(x, max(args.eval_depths)), dev, args, device)
+                record.update(dev_loss=dev_loss)
                 if rank == 0:
-                    print(f"step {step}: held-out loss {val_loss:.4f} (ppl {math.exp(val_loss):.1f})", flush=True)
+                    print(f"step {step}: dev loss {dev_loss:.4f} (ppl {math.exp(dev_loss):.1f})", flush=True)
             log_line(out, record, rank)
             if step % args.save_every == 0 or step == args.steps:
                 save()
@@ -599,23 +737,38 @@ def ouroboros_config(args, n_layers: int) -> OuroborosConfig:
 
 
 def check_flags(args) -> None:
-    """Values that pass argparse's type check but would fail mid-run (a division by zero, an optimizer error)."""
+    """Values that pass argparse's type check but would fail mid-run (a division by zero, an optimizer error)
+    or silently do something else than asked."""
+    if args.data is not None and not args.data.strip():
+        raise RunError("--data is empty (an unset shell variable?); pass a text file, a directory or a .jsonl")
     checks = [(f, getattr(args, f) >= 1, ">= 1") for f in ("seq_len", "batch_size", "grad_accum", "steps",
-                                                           "log_every", "save_every", "eval_windows")]
-    checks += [(f, getattr(args, f) >= 0, ">= 0") for f in ("warmup", "eval_every", "weight_decay")]
+                                                           "log_every", "save_every", "max_new_tokens", "top_k")]
+    checks += [(f, getattr(args, f) >= 0, ">= 0") for f in ("warmup", "eval_every", "eval_windows", "weight_decay",
+                                                            "temperature")]
     checks += [("stop_after", args.stop_after is None or args.stop_after >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),
-               ("min_lr_ratio", 0 <= args.min_lr_ratio <= 1, "in 0..1"), ("clip", args.clip > 0, "> 0"),
-               ("val_fraction", 0 < args.val_fraction < 1, "strictly between 0 and 1")]
+               ("alpha", args.alpha > 0, "> 0"), ("clip", args.clip > 0, "> 0"),
+               ("min_lr_ratio", 0 <= args.min_lr_ratio <= 1, "in 0..1"),
+               ("dev_fraction", 0 < args.dev_fraction < 1, "strictly between 0 and 1"),
+               ("test_fraction", 0 < args.test_fraction < 1 - args.dev_fraction,
+                "above 0 and below 1 - --dev-fraction (the rest is for training)")]
     for name, ok, rule in checks:
-        if not ok:  # also catches nan, for which every comparison is False
+        if not ok:
             raise RunError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid; pass a value {rule}")
+    if args.warmup > args.steps:
+        raise RunError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps}), so the learning rate "
+                       f"would never reach its peak; pass a --warmup of at most {args.steps}")
 
 
 def check_out_dir(args) -> Path:
     """Refuses to touch an existing run unless told to; changes nothing itself."""
     if not args.out:
-        raise RunError("--out is required with --model; pass a directory for the run")
+        using = "--sample and --eval-only read the run in --out" if args.sample or args.eval_only else \
+            "with --model, --out is the directory the run writes"
+        raise RunError(f"--out is required: {using}; pass the run's directory")
     out = Path(args.out)
+    if args.model and (out.resolve() == Path(args.model).resolve() or Path(args.model).resolve() in out.resolve().parents):
+        raise RunError(f"--out {out} is inside the checkpoint directory --model {args.model}; a run must not write "
+                       "there, pass another --out")
     exists = out.is_dir() and any(out.iterdir())
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file; pass a directory")
@@ -643,80 +796,104 @@ def read_run_config(out: Path) -> dict:
     return saved
 
 
-def check_resume(out: Path, args, params: dict) -> None:
+def check_resume(out: Path, args, params: dict) -> tuple[dict, dict]:
+    """Checks that --resume continues the same run; returns its checkpoint, read (once) and checked now, so a
+    damaged one stops the run before anything is written."""
     saved = read_run_config(out)
     now = run_record(args)
     diff = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE and saved.get(k) != now.get(k))
     if diff:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
+        detail = ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
         raise RunError(f"--resume with a different configuration ({detail}); use the run's original flags")
-    # Read the checkpoint into the fresh model now, so a damaged one stops the run before anything is written.
-    trained_by = load_checkpoint(out, params).get("world", 1)
+    checkpoint = read_checkpoint(out)
+    trained_by = restore(checkpoint, out, params).get("world", 1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if trained_by != world:  # the global batch, so the result, depends on the number of processes
         launch = "python train.py" if trained_by == 1 else f"torchrun --nproc-per-node {trained_by} train.py"
         raise RunError(f"the run was trained by {trained_by} process(es), this is {world}; resume it as it was "
                        f"started: {launch} ... --resume")
+    return checkpoint
 
 
-def tokens_for(args, tokenizer, vocab_size: int, cache_dir: Path) -> tuple[Windows, Windows]:
+def tokens_for(args, tokenizer, vocab_size: int, cache_dir: Path) -> dict[str, Windows]:
     docs = read_documents(args.data)
     tok_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
-    names = hashlib.sha256("\n".join(n + str(len(t)) for n, t in docs).encode()).hexdigest()
-    train_ids, val_ids = load_tokens(docs, args.val_fraction, tokenizer, cache_dir,
-                                     f"{names}|{tok_hash}|{args.val_fraction}",
-                                     check=lambda t, v: windows_for(t, v, args, vocab_size))
-    return windows_for(train_ids, val_ids, args, vocab_size)  # a cached stream may not fit this run's --seq-len
+    eos = eos_token_id(tokenizer)
+    streams = load_tokens(docs, args, tokenizer, cache_dir, f"{corpus_digest(docs)}|{tok_hash}",
+                          check=lambda s: windows_for(s, args, vocab_size, eos))
+    return windows_for(streams, args, vocab_size, eos)  # a cached stream may not fit this run's --seq-len
 
 
-def windows_for(train_ids, val_ids, args, vocab_size: int) -> tuple[Windows, Windows]:
-    for what, ids in (("training", train_ids), ("held-out", val_ids)):
+def windows_for(streams: dict[str, np.ndarray], args, vocab_size: int, eos_id: int) -> dict[str, Windows]:
+    for split, ids in streams.items():
         if len(ids) < args.seq_len + 1:
-            raise RunError(f"the {what} split has {len(ids)} tokens, fewer than one window of --seq-len "
+            raise RunError(f"the {split} split has {len(ids)} tokens, fewer than one window of --seq-len "
                            f"{args.seq_len} + 1; add data or lower --seq-len")
         if int(ids.max()) >= vocab_size:
-            raise RunError(f"token id {int(ids.max())} in the {what} data is beyond the model's vocabulary "
+            raise RunError(f"token id {int(ids.max())} in the {split} data is beyond the model's vocabulary "
                            f"({vocab_size}); tokenise with the checkpoint's own tokenizer")
-    return Windows(train_ids, args.seq_len, args.seed), Windows(val_ids, args.seq_len, args.seed)
+    return {s: Windows(ids, args.seq_len, args.seed, eos_id) for s, ids in streams.items()}
 
 
 def count(params) -> int:
     return sum(p.numel() for p in {id(p): p for p in params}.values())
 
 
-def comparison_table(rows: list[dict]) -> str:
+def comparison_table(rows: list[dict], test: Windows, args) -> str:
     """rows: name, kept (base parameters), trainable, loss. The first two must be the full model and the cut
-    baseline; gap recovered = (cut - loss) / (cut - full)."""
+    baseline; gap recovered = (cut - loss) / (cut - full). Every row is scored on the same test windows."""
     full, cut = rows[0]["loss"], rows[1]["loss"]
-    lines = [f"{'model':<34} {'params kept':>12} {'trainable':>11} {'held-out loss':>14} {'ppl':>9} {'gap recovered':>14}"]
+    scored = test.spread(args.eval_windows)
+    documents = int((test.tokens == test.eos_id).sum())
+    lines = [f"test split: {len(scored):,} of its {test.n:,} windows of {args.seq_len} tokens, spread over all of it: "
+             f"{len(scored) * args.seq_len:,} tokens scored, from {test.documents_in(scored):,} of its "
+             f"{documents:,} documents",
+             f"{'model':<34} {'params kept':>12} {'trainable':>11} {'test loss':>10} {'ppl':>9} {'gap recovered':>14}"]
     for r in rows:
         r["gap_recovered"] = (cut - r["loss"]) / (cut - full) if cut != full else float("nan")
-        lines.append(f"{r['name']:<34} {r['kept']:>12,} {r['trainable']:>11,} {r['loss']:>14.4f} "
+        lines.append(f"{r['name']:<34} {r['kept']:>12,} {r['trainable']:>11,} {r['loss']:>10.4f} "
                      f"{math.exp(min(r['loss'], 50)):>9.2f} {100 * r['gap_recovered']:>13.1f}%")
+    lines.append("gap recovered = (cut - loss) / (cut - full): the share of the loss the cut costs that a model wins "
+                 "back (100%: the full model, 0%: the cut baseline).")
+    if any(r["name"].startswith(CONTROL) for r in rows):
+        lines.append(f"'{CONTROL}' is the control: the same gate and per-step norms, no LoRA modulation.")
+    if any(r["gap_recovered"] < 0 for r in rows[2:]):
+        lines.append("A negative share is a loss above the cut baseline: at initialisation the looped arms start "
+                     "above it (each step keeps 88% of a state the step norm has rescaled), so a short run can end there.")
     return "\n".join(lines)
 
 
-def reference_rows(model_path, model: Ouroboros, val: Windows, args, device) -> list[dict]:
-    """Full model and cut baseline on the same held-out windows as every trained arm."""
-    full = load_model(model_path, None if device.type == "cuda" else torch.float32, device)
-    rows = [dict(name=f"full model ({len(full.layer_ids)} layers)", kept=count(full.parameters()), trainable=0,
-                 loss=evaluate(full, val, args, device))]
+def base_dtype(precision: str) -> torch.dtype:
+    # The frozen base is stored in the compute dtype on every device: fp32 under fp32; bf16 under bf16 autocast,
+    # which would otherwise re-cast every frozen fp32 weight at every matmul.
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+
+
+def reference_rows(model_path, model: Ouroboros, test: Windows, args, device) -> list[dict]:
+    """Full model and cut baseline on the same test windows as every trained arm."""
+    full = load_model(model_path, base_dtype(args.precision), device)
+    name = f"full model ({len(full.layer_ids)} layers)"
+    rows = [dict(name=name, kept=count(full.parameters()), trainable=0, loss=evaluate(full, test, args, device, name))]
     del full
-    rows.append(dict(name=f"cut baseline ({len(model.base.layer_ids)} layers)", kept=count(model.base.parameters()),
-                     trainable=0, loss=evaluate(model.base, val, args, device)))
+    name = f"cut baseline ({len(model.base.layer_ids)} layers)"
+    rows.append(dict(name=name, kept=count(model.base.parameters()), trainable=0,
+                     loss=evaluate(model.base, test, args, device, name)))
     return rows
 
 
-def arm_rows(model: Ouroboros, name: str, val: Windows, args, device) -> list[dict]:
+def arm_rows(model: Ouroboros, name: str, test: Windows, args, device) -> list[dict]:
     model.eval()
     return [dict(name=f"{name}, depth {d}", kept=count(model.base.parameters()),
                  trainable=count(model.trainable_parameters().values()),
-                 loss=evaluate(lambda x: model(x, d), val, args, device))
+                 loss=evaluate(lambda x: model(x, d), test, args, device, f"{name}, depth {d}"))
             for d in args.eval_depths]
 
 
+CONTROL = "gate + norm only"
+
+
 def arm_name(args) -> str:
-    name = {"dynamic": "Ouroboros", "static": "static per-step LoRA", "none": "gate + norm only"}[args.controller]
+    name = {"dynamic": "Ouroboros", "static": "static per-step LoRA", "none": CONTROL}[args.controller]
     ablations = [f for f, on in (("no gate", args.no_gate), ("no step norm", args.no_step_norm),
                                  ("mean pool", args.pool == "mean")) if on]
     return name + (f" ({', '.join(ablations)})" if ablations else "")
@@ -726,28 +903,30 @@ def prepare_arm(args, device):
     """Validates the run and loads the model. Nothing is written."""
     qcfg = load_config(args.model)
     cfg = ouroboros_config(args, qcfg.num_hidden_layers)
-    dtype = None if device.type == "cuda" else torch.float32
     torch.manual_seed(args.seed)
-    model = load_ouroboros(args.model, cfg, dtype, device)
+    model = load_ouroboros(args.model, cfg, base_dtype(args.precision), device)
     return qcfg, model
 
 
-def train_arm(args, model: Ouroboros, data: Windows, val: Windows, out: Path, device, world=1, rank=0) -> None:
-    params = model.trainable_parameters()
+def train_arm(args, model: Ouroboros, splits: dict[str, Windows], out: Path, device, checkpoint=None,
+              world=1, rank=0) -> None:
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        if not args.resume:
+        if checkpoint is None:
             for f in (CHECKPOINT, "metrics.jsonl", "results.json"):
                 (out / f).unlink(missing_ok=True)
             (out / "config.json.tmp").write_text(json.dumps(run_record(args), indent=2))
             os.replace(out / "config.json.tmp", out / "config.json")  # whole or absent, whenever the run is killed
-        print(f"{arm_name(args)}: {count(params.values()):,} trainable parameters, layers {model.prelude} + "
-              f"[{model.recurrent}] x depth + {model.coda}; {data.n:,} training windows of {args.seq_len} tokens")
+        print(f"{arm_name(args)}: {count(model.trainable_parameters().values()):,} trainable parameters, layers "
+              f"{model.prelude} + [{model.recurrent}] x depth + {model.coda}; {splits['train'].n:,} training windows "
+              f"of {args.seq_len} tokens")
     model.train()
-    train(lambda x, depth: model(x, depth), params, data, val, args, out, device, args.resume, True, world, rank)
+    train(lambda x, depth: model(x, depth), model, splits["train"], splits["dev"], args, out, device, checkpoint,
+          True, world, rank)
 
 
 def run(args) -> int:
+    check_flags(args)
     device = pick_device(args.device)
     args.precision = resolve_precision(args.precision, device)
     out = check_out_dir(args)
@@ -755,10 +934,8 @@ def run(args) -> int:
         return use_finished_run(args, out, device)
     if args.data is None:
         raise RunError("--data is required with --model; pass a text file, a directory or a .jsonl")
-    check_flags(args)
     qcfg, model = prepare_arm(args, device)
-    if args.resume:
-        check_resume(out, args, model.trainable_parameters())
+    checkpoint = check_resume(out, args, model.trainable_parameters()) if args.resume else None
     tokenizer = load_tokenizer(args.model)
     # Every process has checked its input above, before any process writes.
     rank, world = init_distributed(device)
@@ -768,16 +945,16 @@ def run(args) -> int:
         error = None
         if rank == 0:
             try:
-                data, val = tokens_for(args, tokenizer, qcfg.vocab_size, out)
+                splits = tokens_for(args, tokenizer, qcfg.vocab_size, out)
             except RunError as e:
                 error = e
         agree(world, error)
         if rank > 0:
-            data, val = tokens_for(args, tokenizer, qcfg.vocab_size, out)
-        train_arm(args, model, data, val, out, device, world, rank)
+            splits = tokens_for(args, tokenizer, qcfg.vocab_size, out)
+        train_arm(args, model, splits, out, device, checkpoint, world, rank)
         if rank == 0:
-            rows = reference_rows(args.model, model, val, args, device) + arm_rows(model, arm_name(args), val, args, device)
-            finish(out, rows)
+            rows = reference_rows(args.model, model, splits["test"], args, device)
+            finish(out, rows + arm_rows(model, arm_name(args), splits["test"], args, device), splits["test"], args)
     except OSError as e:  # the file system's (a full disk, no permission): the user's to fix, so one line
         raise RunError(f"{e}; fix that, then start again or --resume from the last checkpoint") from None
     finally:
@@ -786,9 +963,13 @@ def run(args) -> int:
     return 0
 
 
-def finish(out: Path, rows: list[dict]) -> None:
-    table = comparison_table(rows)
-    print(f"\nheld-out next-token loss, {out}:\n{table}")
+def finish(out: Path, rows: list[dict], test: Windows, args) -> None:
+    table = comparison_table(rows, test, args)
+    print(f"\nnext-token loss on the test split, {out}:\n{table}")
+    scored = test.spread(args.eval_windows)
+    for r in rows:
+        r.update(split="test", windows=len(scored), tokens=len(scored) * args.seq_len,
+                 documents=test.documents_in(scored))
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(rows, indent=2))
     os.replace(tmp, out / "results.json")
@@ -798,10 +979,11 @@ def use_finished_run(args, out: Path, device) -> int:
     """--sample and --eval-only: rebuild the run from its config.json and checkpoint."""
     if not (out / "config.json").is_file() or not (out / CHECKPOINT).is_file():
         raise RunError(f"{out}: no finished run here (config.json and {CHECKPOINT} are needed)")
-    saved = argparse.Namespace(**read_run_config(out))
+    # Flags added since the run was made take their defaults.
+    saved = argparse.Namespace(**{**vars(build_parser().parse_args([])), **read_run_config(out)})
     saved.device, saved.precision = args.device, args.precision
     qcfg, model = prepare_arm(saved, device)
-    load_checkpoint(out, model.trainable_parameters())
+    restore(read_checkpoint(out), out, model.trainable_parameters())
     if args.sample:
         tokenizer = load_tokenizer(saved.model)
         ids = torch.tensor([tokenizer.encode(args.sample).ids], device=device)
@@ -809,13 +991,13 @@ def use_finished_run(args, out: Path, device) -> int:
             raise RunError("--sample needs a non-empty prompt")
         gen = torch.Generator(device=device).manual_seed(saved.seed)
         with autocast(device, saved.precision):
-            outp = model.eval().generate(ids, saved.eval_depths[-1], args.max_new_tokens, args.temperature,
+            outp = model.eval().generate(ids, max(saved.eval_depths), args.max_new_tokens, args.temperature,
                                          args.top_k, gen)
         print(tokenizer.decode(outp[0].tolist()))
         return 0
-    data, val = tokens_for(saved, load_tokenizer(saved.model), qcfg.vocab_size, out)
-    rows = reference_rows(saved.model, model, val, saved, device) + arm_rows(model, arm_name(saved), val, saved, device)
-    finish(out, rows)
+    splits = tokens_for(saved, load_tokenizer(saved.model), qcfg.vocab_size, out)
+    rows = reference_rows(saved.model, model, splits["test"], saved, device)
+    finish(out, rows + arm_rows(model, arm_name(saved), splits["test"], saved, device), splits["test"], saved)
     return 0
 
 
@@ -832,7 +1014,7 @@ DEMO_PRETRAIN = dict(seq_len=256, batch_size=4, grad_accum=1, lr=2e-3, warmup=20
                      weight_decay=0.1, clip=1.0, seed=0)
 # Flag defaults for the demo's arms, sized for a 2-core CPU; every flag can still override them.
 DEMO_ARM = dict(seq_len=256, batch_size=16, grad_accum=1, steps=80, warmup=5, lr=3e-4, depth=4,
-                val_fraction=0.1, eval_windows=64, eval_every=0, log_every=25, save_every=50)
+                dev_fraction=0.05, test_fraction=0.1, eval_windows=128, eval_every=0, log_every=25, save_every=50)
 
 
 def demo_cache() -> Path:
@@ -858,8 +1040,10 @@ def pretrain_base(args, tokenizer, train_ids: np.ndarray, base_dir: Path, device
     model_dir = base_dir / "model"
     if (model_dir / "config.json").is_file():
         return model_dir
+    # A --pretrain-steps shorter than the recipe's warmup (the tests' few steps) warms up over all of them.
     pargs = argparse.Namespace(**{**vars(args), **DEMO_PRETRAIN, "steps": args.pretrain_steps, "eval_every": 0,
-                                  "stop_after": None})
+                                  "stop_after": None,
+                                  "warmup": min(DEMO_PRETRAIN["warmup"], args.pretrain_steps)})
     if len(train_ids) <= pargs.seq_len:
         raise RunError(f"the training split has {len(train_ids)} tokens, too few to pretrain the demo base on "
                        f"windows of {pargs.seq_len}; pass --data with more text")
@@ -871,8 +1055,8 @@ def pretrain_base(args, tokenizer, train_ids: np.ndarray, base_dir: Path, device
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"pretraining the demo base: Qwen2 with {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
           f"{count(model.parameters()):,} parameters, {pargs.steps} steps (cached for later runs)")
-    train(lambda x, depth: model(x), dict(model.named_parameters()), data, None, pargs, run_dir, device,
-          (run_dir / CHECKPOINT).is_file(), looped=False)
+    checkpoint = read_checkpoint(run_dir) if (run_dir / CHECKPOINT).is_file() else None
+    train(lambda x, depth: model(x), model, data, None, pargs, run_dir, device, checkpoint, looped=False)
     tmp = base_dir / "model.tmp"
     save_model(model.eval(), tmp, tokenizer)
     os.replace(tmp, model_dir)
@@ -894,21 +1078,21 @@ def demo(args) -> int:
     cache = demo_cache()
     cache.mkdir(parents=True, exist_ok=True)
     docs = read_documents(args.data)
-    key = hashlib.sha256(f"{[(n, len(t)) for n, t in docs]}|{args.val_fraction}|{DEMO_VOCAB}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{corpus_digest(docs)}|{args.dev_fraction}|{args.test_fraction}|{DEMO_VOCAB}".encode()).hexdigest()[:12]
     tok_file = cache / f"tokenizer-{key}.json"
     if tok_file.is_file():
         tokenizer = load_tokenizer_file(tok_file)
     else:
         print(f"training a {DEMO_VOCAB}-token byte-level BPE on the training split of {len(docs)} documents")
-        tokenizer = train_bpe(split_documents(docs, args.val_fraction)[0])
+        tokenizer = train_bpe(split_documents(docs, args.dev_fraction, args.test_fraction)["train"])
         tokenizer.save(str(tok_file.with_suffix(".tmp")))
         os.replace(tok_file.with_suffix(".tmp"), tok_file)
-    train_ids, val_ids = load_tokens(docs, args.val_fraction, tokenizer, cache, f"{key}|tokens")
-    data, val = windows_for(train_ids, val_ids, args, tokenizer.get_vocab_size())
+    streams = load_tokens(docs, args, tokenizer, cache, f"{key}|tokens")
+    splits = windows_for(streams, args, tokenizer.get_vocab_size(), eos_token_id(tokenizer))
     # The base depends on the data, the recipe and the precision: any change pretrains (and caches) another.
     recipe = f"{DEMO_BASE}|{DEMO_PRETRAIN}|{args.pretrain_steps}|{args.precision}"
     base_dir = cache / f"base-{key}-{hashlib.sha256(recipe.encode()).hexdigest()[:8]}"
-    base = pretrain_base(args, tokenizer, train_ids, base_dir, device)
+    base = pretrain_base(args, tokenizer, streams["train"], base_dir, device)
     print(f"base model ready in {base} ({fmt_time(time.time() - t0)} so far)")
     rows = None
     for controller in ("none", "dynamic"):
@@ -919,11 +1103,12 @@ def demo(args) -> int:
                                     "overwrite": args.resume or args.overwrite})
         arm_out = check_out_dir(arm)
         qcfg, model = prepare_arm(arm, device)
+        checkpoint = check_resume(arm_out, arm, model.trainable_parameters()) if arm.resume else None
         if rows is None:
-            rows = reference_rows(arm.model, model, val, arm, device)
-        train_arm(arm, model, data, val, arm_out, device)
-        rows += arm_rows(model, arm_name(arm), val, arm, device)
-    finish(out, rows)
+            rows = reference_rows(arm.model, model, splits["test"], arm, device)
+        train_arm(arm, model, splits, arm_out, device, checkpoint)
+        rows += arm_rows(model, arm_name(arm), splits["test"], arm, device)
+    finish(out, rows, splits["test"], args)
     print(f"demo finished in {fmt_time(time.time() - t0)}")
     return 0
 
@@ -931,6 +1116,12 @@ def demo(args) -> int:
 def load_tokenizer_file(file: Path):
     from tokenizers import Tokenizer
     return Tokenizer.from_file(str(file))
+
+
+def flag_names(message: str) -> str:
+    """ConfigError speaks of OuroborosConfig's fields; on the command line they are flags (rank -> --rank)."""
+    fields = r"\b(n_prelude|recurrent_layer|n_coda|max_steps|rank|alpha|pool)\b"
+    return re.sub(fields, lambda m: "--" + m.group(1).replace("_", "-"), message).replace("--pool='mean'", "--pool mean")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -942,7 +1133,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.set_defaults(**DEMO_ARM)
             return demo(parser.parse_args(argv))
         return run(args)
-    except (RunError, ConfigError, CheckpointError) as e:
+    except ConfigError as e:
+        print(f"error: {flag_names(str(e))}", file=sys.stderr)
+        return 2
+    except (RunError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the demo's file system errors (run() words its own)

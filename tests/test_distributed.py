@@ -6,10 +6,13 @@ code 2), so a 2-process run that exits 0 had bit-identical parameters on both ra
 `agree` below shows that the check does catch a difference. That the gradients are really averaged over both
 processes' shares of the batch is shown by comparing rank 0's checkpoint with a 1-process run of the same
 global batch (2 processes x --grad-accum 1 = 1 process x --grad-accum 2): equal up to float summation order."""
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -17,21 +20,74 @@ import torch
 from test_errors import refused
 from test_faults import metrics_lines, same_run
 from test_train import (FLAGS, ROOT, checkpoint_state, flags, metrics, trainables,  # noqa: F401
-                        wait_for, with_flag, world)
+                        with_flag, world)
 
 import train
 
 BASE = with_flag(with_flag(FLAGS, "--steps", "24"), "--save-every", "4")  # --batch-size 2 --grad-accum 2
 TWO = with_flag(BASE, "--grad-accum", "1")  # per process: 2 processes give the same global batch of 4 windows
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+# How long torchrun may take before the test calls it hung. No test waits for a duration: every wait ends on an
+# event (a log line, the processes' exit), so this only bounds a real hang (the refused-data test is about that
+# one), and is set for a machine many times slower than usual (a run here takes seconds; CI allows 90 minutes
+# for the whole suite).
+HANG = 1200
+# After a signal, torchrun gives its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by default) to stop
+# before it SIGKILLs them; on a busy machine finishing the step, saving and exiting can take longer than that.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(HANG))
 
 
 # torchrun as a module, so that it runs under this interpreter; --standalone picks a free port itself.
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
 
-def torchrun(*args, timeout=300):
-    return subprocess.run([*TORCHRUN, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def start(*args):
+    """torchrun in its own process group (as in a terminal: Ctrl-C, or a kill after a hang, reaches the workers
+    too). Output goes to files: a pipe that nobody reads while a test waits could fill up and stall the run."""
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([*TORCHRUN, *args], cwd=ROOT, env=ENV, text=True, stdout=out, stderr=err,
+                            start_new_session=True)
+    proc.files = out, err
+    return proc
+
+
+def kill(proc):
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def finish(proc) -> subprocess.CompletedProcess:
+    """Waits for torchrun (which waits for its workers) to exit. Still running after HANG seconds, it is hung:
+    its whole process group is killed and the test fails."""
+    try:
+        proc.wait(HANG)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"torchrun hung: still running after {HANG}s: {proc.args}")
+    finally:
+        kill(proc)
+    text = []
+    for f in proc.files:
+        f.seek(0)
+        text.append(f.read())
+        f.close()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, *text)
+
+
+def torchrun(*args):
+    return finish(start(*args))
+
+
+def wait_for(cond, proc, what):
+    """Returns once cond() holds; fails if torchrun exits first or is still not there after HANG seconds."""
+    end = time.monotonic() + HANG
+    while not cond():
+        if proc.poll() is not None:
+            pytest.fail(f"torchrun exited ({proc.returncode}) before {what}: {finish(proc).stderr[-3000:]}")
+        if time.monotonic() > end:
+            kill(proc)
+            pytest.fail(f"timed out after {HANG}s waiting for {what}")
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +124,13 @@ def test_ctrl_c_and_resume_under_torchrun(world, two_proc, tmp_path):
     # Saving every step (a flag that may change on --resume) slows the run down, so that the signal comes well
     # before its end even on a busy machine.
     argv = flags(world, out, "--save-every", "1", base=TWO)
-    proc = subprocess.Popen([*TORCHRUN, "train.py", *argv], cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True)  # its own process group, as in a terminal
+    proc = start("train.py", *argv)  # its own process group, as in a terminal
     try:
-        wait_for(lambda: len(metrics_lines(out)) >= 3, proc, 120, "3 steps")
+        wait_for(lambda: len(metrics_lines(out)) >= 3, proc, "3 steps")
         os.killpg(proc.pid, signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=120)
+        stderr = finish(proc).stderr
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill(proc)
     step = checkpoint_state(out)["step"]
     assert 3 <= step < 24, stderr[-3000:]
     assert stderr.count(f"interrupted: checkpoint at step {step} saved") == 1  # rank 0 only
@@ -97,7 +151,7 @@ def test_refused_data_stops_every_process(world, tmp_path):
     """Rank 0 finds the data too short while rank 1 waits for its token cache: both stop with the one-line
     error (rank 1 learns it from rank 0), nothing is written, nobody hangs."""
     out = tmp_path / "run"
-    proc = torchrun("train.py", *flags(world, out, "--seq-len", "1000", base=TWO), timeout=180)
+    proc = torchrun("train.py", *flags(world, out, "--seq-len", "1000", base=TWO))  # a hang fails in finish()
     assert proc.returncode != 0
     err = proc.stderr
     # (rank 1 usually prints the line too, unless torchrun ends it first, seeing rank 0 exit)
@@ -136,7 +190,7 @@ dist.destroy_process_group()
 def test_agree_raises_everywhere_and_catches_different_parameters(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE.format(root=str(ROOT)))
-    proc = torchrun(str(script), timeout=180)
+    proc = torchrun(str(script))
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: identical ok" in proc.stdout

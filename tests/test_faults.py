@@ -29,6 +29,10 @@ SHORT = with_flag(with_flag(FLAGS, "--steps", "6"), "--save-every", "2")
 LONG = with_flag(with_flag(with_flag(FLAGS, "--steps", "40"), "--save-every", "3"), "--log-every", "10") \
     + ["--eval-every", "7"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+# How long a subprocess may take before the test calls it hung. No test waits for a duration: every wait ends on
+# an event (a file, a line, the process's exit), so this only bounds a real hang, and is set for a machine many
+# times slower than usual (a run here takes seconds; CI allows 90 minutes for the whole suite).
+HANG = 1200
 
 
 def same_run(out, ref):
@@ -79,20 +83,19 @@ def test_sigkill_at_random_moments_resumes_to_the_same_result(world, long_ref, t
             proc = subprocess.Popen([sys.executable, "train.py", *argv], cwd=ROOT, env=ENV,
                                     stdout=subprocess.DEVNULL, stderr=err)
             try:
-                end = time.time() + 120
+                # Each wait ends on an event, or on the process's own exit (then it finished before the kill
+                # came); only a hang reaches HANG. Where a kill lands does not change what is asserted.
                 if cycle == 0:  # somewhere in the start-up: loading, tokenising, writing config.json ...
-                    time.sleep(rng.uniform(0.2, 2.5))
+                    time.sleep(rng.uniform(0.2, 2.5))  # (a slower machine only moves this earlier in the start-up)
                 elif cycle == 1:  # mid-checkpoint: the moment a temporary checkpoint file appears (safetensors
                     # writes a hidden .tmpXXXXXX, renamed to checkpoint.safetensors.tmp, renamed over the target)
-                    while proc.poll() is None and time.time() < end and not (out.exists() and any(
-                            n.startswith(".tmp") or n == train.CHECKPOINT + ".tmp" for n in os.listdir(out))):
-                        time.sleep(0.0002)
+                    until(proc, lambda: out.exists() and any(
+                        n.startswith(".tmp") or n == train.CHECKPOINT + ".tmp" for n in os.listdir(out)), 0.0002)
                 else:  # in training: once a step more is logged, after a random delay
-                    while proc.poll() is None and time.time() < end and len(metrics_lines(out)) <= lines_before:
-                        time.sleep(0.01)
+                    until(proc, lambda: len(metrics_lines(out)) > lines_before, 0.01)
                     time.sleep(rng.uniform(0.0, 0.25))
                 proc.send_signal(signal.SIGKILL)
-                proc.wait(60)
+                proc.wait(HANG)
             finally:
                 if proc.poll() is None:
                     proc.kill()
@@ -103,6 +106,16 @@ def test_sigkill_at_random_moments_resumes_to_the_same_result(world, long_ref, t
     assert train.main(flags(world, out, *restart_flags(out), base=LONG)) == 0
     same_run(out, long_ref)
     print("after each kill (return code, checkpoint step, temporary files):", kills)
+
+
+def until(proc, cond, poll):
+    """Returns once cond() holds or proc has exited; a process still going after HANG seconds is hung."""
+    end = time.monotonic() + HANG
+    while proc.poll() is None and not cond():
+        if time.monotonic() > end:
+            proc.kill()
+            pytest.fail(f"train.py hung: neither done nor at the moment to kill it after {HANG}s")
+        time.sleep(poll)
 
 
 def metrics_lines(out):
@@ -171,7 +184,7 @@ def run_killed(tmp_path, mode, n, argv):
     script = tmp_path / "killer.py"
     script.write_text(KILLER.format(root=str(ROOT)))
     proc = subprocess.run([sys.executable, str(script), mode, str(n), *argv], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=HANG)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
 

@@ -2,6 +2,7 @@
 goes down, resume (also after Ctrl-C) is exact, the label shift is the next token, depth draws are seeded,
 the schedule, the held-out split, --sample / --eval-only, and refusing to overwrite a run."""
 import argparse
+import gzip
 import json
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -24,11 +26,12 @@ import train  # importable because tiny puts the repository root on sys.path
 ROOT = Path(__file__).resolve().parent.parent
 QCFG = tiny_config(num_hidden_layers=6)
 TEXT = "the quick brown fox jumps over the lazy dog. "
-# 12 documents; with --val-fraction 0.3 the hash split holds 4 of them out.
+# 12 documents; with --dev-fraction 0.15 --test-fraction 0.3 the hash split gives 9 train, 1 dev, 2 test.
 DOCS = [f"{TEXT * 3}number {i} " + " ".join(["alpha beta gamma delta"] * (i % 3 + 1)) for i in range(12)]
 FLAGS = ["--n-prelude", "1", "--recurrent-layer", "3", "--n-coda", "1", "--rank", "4", "--max-steps", "8",
          "--depth", "2", "--seq-len", "16", "--batch-size", "2", "--grad-accum", "2", "--steps", "3",
-         "--eval-windows", "4", "--log-every", "1", "--save-every", "1", "--device", "cpu", "--val-fraction", "0.3",
+         "--eval-windows", "4", "--log-every", "1", "--save-every", "1", "--device", "cpu", "--dev-fraction", "0.15",
+         "--test-fraction", "0.3",
          "--lr", "3e-3", "--warmup", "1"]
 RUN_FILES = ("config.json", train.CHECKPOINT, "metrics.jsonl", "results.json")
 
@@ -344,41 +347,199 @@ def test_lr_schedule():
     assert min(lrs) == pytest.approx(args.lr * args.min_lr_ratio)
 
 
-def test_held_out_split_is_deterministic_and_disjoint():
-    docs = [(f"file{i}.txt", f"document number {i}") for i in range(200)]
-    train_docs, val_docs = train.split_documents(docs, 0.2)
-    assert train.split_documents(list(reversed(docs)), 0.2) == (list(reversed(train_docs)), list(reversed(val_docs)))
-    assert not set(train_docs) & set(val_docs)
-    assert sorted(train_docs + val_docs) == sorted(t for _, t in docs)
-    assert 10 < len(val_docs) < 70
-    # a held-out document stays held out when others are added
-    more = docs + [(f"extra{i}.txt", f"extra {i}") for i in range(50)]
-    assert set(val_docs) <= set(train.split_documents(more, 0.2)[1])
+def test_split_follows_the_content_not_the_order():
+    docs = [train.Doc(f"line {i}", f"document number {i}") for i in range(300)]
+    parts = train.split_documents(docs, 0.1, 0.2)
+    # another order (as a reordered .jsonl or text file would give, named by position) changes nothing
+    renamed = [train.Doc(f"line {i}", d.text) for i, d in enumerate(reversed(docs))]
+    assert {k: set(v) for k, v in train.split_documents(renamed, 0.1, 0.2).items()} == {k: set(v) for k, v in parts.items()}
+    assert sorted(sum(parts.values(), [])) == sorted(d.text for d in docs)
+    assert 10 < len(parts["dev"]) < 55 and 30 < len(parts["test"]) < 95
+    assert not set(parts["dev"]) & set(parts["test"]) and not set(parts["train"]) & set(parts["test"])
+    # 200 copies of one document land on one side; a document stays where it was when others are added
+    copies = train.split_documents(docs + [train.Doc(f"copy {i}", docs[0].text) for i in range(200)], 0.1, 0.2)
+    assert sum(docs[0].text in v for v in copies.values()) == 1
+    assert set(parts["test"]) <= set(copies["test"])
+    # a record's id decides instead of its text: the same id, edited text, same split
+    ids = [train.split_of(train.Doc("x", f"version {v}", id="doc-7"), 0.1, 0.2) for v in range(20)]
+    assert len(set(ids)) == 1
+    assert len({train.split_of(train.Doc("x", f"version {v}"), 0.1, 0.2) for v in range(50)}) == 3
 
 
-def test_held_out_tokens_never_reach_training(world, reference, tmp_path):
-    """The token streams of a real run: the training stream contains no held-out document's tokens, and the
-    comparison table is computed on the held-out stream."""
+def test_jsonl_split_does_not_depend_on_line_order(tmp_path):
+    records = [json.dumps({"text": f"record {i} " * 5}) for i in range(60)]
+    (tmp_path / "a.jsonl").write_text("\n".join(records))
+    (tmp_path / "b.jsonl").write_text("\n".join(reversed(records)))
+    a, b = (train.split_documents(train.read_documents(tmp_path / f), 0.2, 0.2) for f in ("a.jsonl", "b.jsonl"))
+    assert {k: set(v) for k, v in a.items()} == {k: set(v) for k, v in b.items()}
+
+
+def test_gzip_data_reads_like_the_plain_file(tmp_path):
+    text = "first document\n\nsecond one\n\nthird"
+    (tmp_path / "d.txt").write_text(text)
+    with gzip.open(tmp_path / "d.txt.gz", "wt") as f:
+        f.write(text)
+    plain, packed = train.read_documents(tmp_path / "d.txt"), train.read_documents(tmp_path / "d.txt.gz")
+    assert [d.text for d in plain] == [d.text for d in packed] == ["first document", "second one", "third"]
+
+
+def test_spread_covers_the_whole_split():
+    w = train.Windows(np.arange(1001, dtype=np.uint32), 10, 0)
+    assert w.n == 100
+    assert w.spread(0) == list(range(100)) == w.spread(500)
+    five = w.spread(5)
+    assert five[0] == 0 and five[-1] == 99 and len(five) == 5  # first and last window, evenly between
+    assert all(20 <= b - a <= 30 for a, b in zip(five, five[1:]))
+    # documents scored: end-of-text (3) closes documents 0 (tokens 0-2) and 1 (tokens 3-11); document 2 is token 12
+    tokens = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4], dtype=np.uint32)
+    w = train.Windows(tokens, 4, 0, eos_id=3)
+    assert w.n == 3  # the targets of window j are tokens 4j + 1 .. 4j + 4
+    assert [w.documents_in([j]) for j in range(3)] == [2, 1, 2] and w.documents_in([0, 1, 2]) == 3
+
+
+def cross_entropy_by_hand(logits, windows):
+    """Position t of window b (having seen its tokens 0..t) against token t + 1: the shift written out."""
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    T = logits.shape[1]
+    terms = [-logp[b, t, windows[b, t + 1]] for b in range(len(windows)) for t in range(T)]
+    return torch.stack(terms).mean().item()
+
+
+def streams_by_hand(world, dev_fraction=0.15, test_fraction=0.3):
+    """The train / dev / test token streams, tokenised here: each document's ids, then end-of-text."""
     ckpt, corpus = world
-    docs = train.read_documents(corpus)
-    train_docs, val_docs = train.split_documents(docs, 0.3)
-    assert train_docs and val_docs
     tok = train.load_tokenizer(ckpt)
-    eos = train.eos_token_id(tok)
-    train_ids, val_ids = train.load_tokens(docs, 0.3, tok, tmp_path, "key")
-    assert len(train_ids) == sum(len(tok.encode(t).ids) + 1 for t in train_docs)
-    assert len(val_ids) == sum(len(tok.encode(t).ids) + 1 for t in val_docs)
-    stream = " " + " ".join(map(str, train_ids.tolist())) + " "
-    for t in val_docs:  # each held-out document is unique ("number i"), so its tokens cannot recur
-        assert " " + " ".join(map(str, tok.encode(t).ids + [eos])) + " " not in stream
+    eos = tok.token_to_id("<|endoftext|>")
+    parts = train.split_documents(train.read_documents(corpus), dev_fraction, test_fraction)
+    return {k: [i for t in v for i in tok.encode(t).ids + [eos]] for k, v in parts.items()}, tok
 
-    cut = load_model(ckpt, torch.float32, "cpu", layers=[0, 3, 5])
-    cpu = torch.device("cpu")
-    how = argparse.Namespace(eval_windows=4, batch_size=2, precision=train.resolve_precision("auto", cpu))
-    losses = [train.evaluate(cut, train.Windows(ids, 16, 0), how, cpu) for ids in (val_ids, train_ids)]
-    table = json.loads((reference / "results.json").read_text())
-    assert table[1]["loss"] == pytest.approx(losses[0], rel=1e-6)
-    assert table[1]["loss"] != pytest.approx(losses[1], rel=1e-4)
+
+def windows_by_hand(stream, T=16):
+    n = (len(stream) - 1) // T
+    return torch.tensor([stream[j * T: j * T + T + 1] for j in range(n)])
+
+
+def test_held_out_tokens_never_reach_training(world, tmp_path):
+    """The token streams of a real run: the training stream contains no dev or test document's tokens; the table
+    is the next-token loss on every test window, computed here by hand; dev and test share no document."""
+    streams, tok = streams_by_hand(world)
+    parts = train.split_documents(train.read_documents(world[1]), 0.15, 0.3)
+    assert not set(parts["dev"]) & set(parts["test"])
+    stream = " " + " ".join(map(str, streams["train"])) + " "
+    for t in parts["dev"] + parts["test"]:  # each document is unique ("number i"), so its tokens cannot recur
+        assert " " + " ".join(map(str, tok.encode(t).ids)) + " " not in stream
+
+    out = tmp_path / "run"
+    assert train.main(flags(world, out, "--eval-windows", "0", "--precision", "fp32")) == 0
+    table = json.loads((out / "results.json").read_text())
+    windows = windows_by_hand(streams["test"])
+    with torch.no_grad():
+        full = load_model(world[0], torch.float32)(windows[:, :-1])
+        cut = load_model(world[0], torch.float32, layers=[0, 3, 5])(windows[:, :-1])
+    assert table[0]["loss"] == pytest.approx(cross_entropy_by_hand(full, windows), rel=1e-5)
+    assert table[1]["loss"] == pytest.approx(cross_entropy_by_hand(cut, windows), rel=1e-5)
+    assert table[1]["windows"] == len(windows) and table[1]["tokens"] == 16 * len(windows)
+    assert table[1]["documents"] == len(parts["test"]) and table[1]["split"] == "test"
+
+
+def test_first_logged_loss_is_the_next_token_cross_entropy(world, tmp_path):
+    """Step 1's logged loss, on a batch of every training window, against the cross-entropy computed here of the
+    initial model (heads zero: the plain looped layer). A second shift anywhere in the loop shows up."""
+    streams, _ = streams_by_hand(world)
+    windows = windows_by_hand(streams["train"])
+    base = with_flag(with_flag(with_flag(FLAGS, "--steps", "1"), "--grad-accum", "1"), "--batch-size", str(len(windows)))
+    out = tmp_path / "run"
+    assert train.main(flags(world, out, "--precision", "fp32", base=base)) == 0
+    cfg = train.OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=4, max_steps=8)
+    model = train.load_ouroboros(world[0], cfg, torch.float32)
+    with torch.no_grad():
+        expected = cross_entropy_by_hand(model(windows[:, :-1], 2), windows)
+    assert metrics(out)[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_dev_split_during_training_and_test_split_in_the_table(world, tmp_path, monkeypatch):
+    seen = []
+    evaluate = train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda f, split, *a, **k: seen.append((split, k)) or evaluate(f, split, *a, **k))
+    streams, _ = streams_by_hand(world)
+    assert train.main(flags(world, tmp_path / "run", "--eval-every", "1")) == 0
+    during, table = seen[:2], seen[2:]  # steps 1 and 2 of 3 evaluate on dev; then full, cut and the arm
+    assert all(s.tokens.tolist() == streams["dev"] and not k for s, k in during)
+    assert len(table) == 3 and all(s.tokens.tolist() == streams["test"] for s, k in table)
+    assert [r["dev_loss"] for r in metrics(tmp_path / "run") if "dev_loss" in r] != []
+
+
+def test_dev_evaluation_and_sample_use_the_largest_depth(world, tmp_path, monkeypatch):
+    depths = []
+    forward = train.Ouroboros.forward
+    monkeypatch.setattr(train.Ouroboros, "forward",
+                        lambda self, x, n, cache=None: depths.append((n, torch.is_grad_enabled())) or forward(self, x, n, cache))
+    out = tmp_path / "run"
+    assert train.main(flags(world, out, "--depths", "2,1", "--eval-every", "1")) == 0
+    evaluated = [n for n, grad in depths if not grad]
+    assert evaluated[0] == 2  # the dev evaluation after step 1, at the largest depth, not the last listed
+    depths.clear()
+    assert train.main(["--out", str(out), "--sample", "the", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert {n for n, _ in depths} == {2}
+
+
+def decayed_names(model, optimizer):
+    name = {id(p): n for n, p in model.named_parameters()}
+    return {name[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+
+
+@pytest.mark.parametrize("controller, expected", [
+    ("dynamic", {"controller.pool_proj.weight", "controller.mlp.0.weight", "controller.mlp.2.weight",
+                 "controller.heads.weight", "gate.weight"}),
+    ("static", {"gate.weight"}), ("none", {"gate.weight"})])
+def test_weight_decay_only_on_the_linear_weights(world, controller, expected):
+    cfg = train.OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=4, max_steps=8, controller=controller)
+    model = train.load_ouroboros(world[0], cfg, torch.float32)
+    params = model.trainable_parameters()
+    args = argparse.Namespace(weight_decay=0.1, lr=1e-3)
+    optimizer = train.build_optimizer(model, params, args, torch.device("cpu"))
+    assert decayed_names(model, optimizer) == expected
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(params)
+
+
+def test_rows_no_step_reaches_stay_as_initialised(world, tmp_path):
+    """At depth 2 of --max-steps 8, the norm rows and step embeddings of steps 2..7 get no gradient; with weight
+    decay on, they must still be exactly their initial values (decay would shrink them)."""
+    out = tmp_path / "run"
+    assert train.main(flags(world, out, "--weight-decay", "0.1", base=with_flag(FLAGS, "--steps", "4"))) == 0
+    trained = trainables(out)
+    assert torch.equal(trained["param.step_norm"][2:], torch.ones(6, QCFG.hidden_size))
+    assert not torch.equal(trained["param.step_norm"][:2], torch.ones(2, QCFG.hidden_size))
+    torch.manual_seed(0)  # the run's --seed: the same initial Controller
+    cfg = train.OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=4, max_steps=8)
+    init = train.load_ouroboros(world[0], cfg, torch.float32).controller.step_embed.weight
+    assert torch.equal(trained["param.controller.step_embed.weight"][2:], init[2:].detach())
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_decides_the_base_dtype(world, tmp_path, precision, dtype):
+    """A bf16 checkpoint under --precision fp32 gets an fp32 base (no mixed-dtype matmul), and under bf16 a bf16
+    base, on CPU as on CUDA (the same code path); the trainables stay fp32 either way."""
+    bf16 = make_checkpoint(tmp_path / "bf16", QCFG, seed=1, dtype=torch.bfloat16, tokenizer=train.load_tokenizer(world[0]))
+    args = train.build_parser().parse_args(flags((bf16, world[1]), tmp_path / "run", "--precision", precision))
+    _, model = train.prepare_arm(args, torch.device("cpu"))
+    assert {p.dtype for p in model.base.parameters()} == {dtype}
+    assert {p.dtype for p in model.trainable_parameters().values()} == {torch.float32}
+    assert train.main(flags((bf16, world[1]), tmp_path / "run", "--precision", precision,
+                            base=with_flag(FLAGS, "--steps", "1"))) == 0
+    assert math.isfinite(metrics(tmp_path / "run")[0]["loss"])
+
+
+def test_each_checkpoint_is_written_once_and_read_once(world, tmp_path, monkeypatch):
+    written, read = [], []
+    save_file, safe_open_ = train.save_file, train.safe_open
+    monkeypatch.setattr(train, "save_file", lambda t, f, metadata: written.append(f) or save_file(t, f, metadata=metadata))
+    monkeypatch.setattr(train, "safe_open", lambda f, **k: read.append(f) or safe_open_(f, **k))
+    out = tmp_path / "run"
+    assert train.main(flags(world, out, "--stop-after", "2", base=with_flag(FLAGS, "--save-every", "2"))) == 0
+    assert len(written) == 1 and read == []  # step 2: saved by --save-every, not again when the run stops
+    assert train.main(flags(world, out, "--resume", base=with_flag(FLAGS, "--save-every", "2"))) == 0
+    assert len(written) == 2 and len(read) == 1  # step 3, the last; the checkpoint of step 2 read once
 
 
 # ----------------------------------------------------------------------------------------------------------
