@@ -857,7 +857,7 @@ def comparison_table(rows: list[dict], test: Windows, args) -> str:
                  "back (100%: the full model, 0%: the cut baseline).")
     if any(r["name"].startswith(CONTROL) for r in rows):
         lines.append(f"'{CONTROL}' is the control: the same gate and per-step norms, no LoRA modulation.")
-    if any(r["gap_recovered"] < 0 for r in rows[2:]):
+    if any(r["loss"] > cut for r in rows[2:]):
         lines.append("A negative share is a loss above the cut baseline: at initialisation the looped arms start "
                      "above it (each step keeps 88% of a state the step norm has rescaled), so a short run can end there.")
     return "\n".join(lines)

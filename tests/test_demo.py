@@ -29,7 +29,7 @@ def demo_run(tmp_path_factory):
     mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
     argv = ["--data", str(corpus), "--out", str(root / "run"), "--pretrain-steps", "3", "--steps", "2",
             "--seq-len", "32", "--batch-size", "2", "--eval-windows", "2", "--depth", "2", "--device", "cpu",
-            "--val-fraction", "0.2"]
+            "--dev-fraction", "0.15", "--test-fraction", "0.2", "--warmup", "1"]
     assert train.main(argv) == 0
     yield root, corpus, argv
     mp.undo()
@@ -85,20 +85,21 @@ def test_base_recipe_keys_the_cache(demo_run, monkeypatch):
 def test_held_out_files_never_appear_in_training(demo_run):
     _, corpus, _ = demo_run
     docs = train.read_documents(corpus)
-    train_docs, val_docs = train.split_documents(docs, 0.2)
-    assert val_docs and train_docs
-    assert not set(train_docs) & set(val_docs)
+    parts = train.split_documents(docs, 0.15, 0.2)
+    held_out = parts["dev"] + parts["test"]
+    assert parts["train"] and parts["dev"] and parts["test"]
+    assert not set(parts["train"]) & set(held_out)
     tok = load_tokenizer(next((demo_run[0] / "cache" / "ouroboros").glob("base-*/model")))
-    train_ids, _ = train.load_tokens(docs, 0.2, tok, demo_run[0] / "tokcheck", "k")
-    stream = train_ids.tobytes()
-    for text in val_docs:  # no held-out file's token sequence is inside the training stream
+    how = train.argparse.Namespace(dev_fraction=0.15, test_fraction=0.2)
+    stream = train.load_tokens(docs, how, tok, demo_run[0] / "tokcheck", "k")["train"].tobytes()
+    for text in held_out:  # no held-out file's token sequence is inside the training stream
         ids = np.asarray(tok.encode(text).ids[:64], dtype=np.uint32)
         assert ids.tobytes() not in stream
 
 
 def test_stdlib_corpus_is_the_default(monkeypatch):
     docs = train.read_documents(None)
-    names = [n for n, _ in docs]
+    names = [d.name for d in docs]
     assert "os.py" in names and not any(n.startswith("test/") for n in names)
     assert names == sorted(names)
 
@@ -110,7 +111,8 @@ def test_data_too_small_to_pretrain_the_base_is_refused(tmp_path, monkeypatch, c
     for i in range(20):
         (corpus / f"m{i}.py").write_text(f"x{i} = {i} + 1\n")
     out = tmp_path / "run"
-    argv = ["--data", str(corpus), "--out", str(out), "--seq-len", "4", "--val-fraction", "0.3", "--device", "cpu"]
+    argv = ["--data", str(corpus), "--out", str(out), "--seq-len", "4", "--dev-fraction", "0.2", "--test-fraction", "0.2",
+            "--device", "cpu"]
     capsys.readouterr()
     assert train.main(argv) == 2
     err = [l for l in capsys.readouterr().err.replace("\r", "\n").splitlines() if l.startswith("error")]

@@ -104,7 +104,7 @@ def test_two_processes_match_one_with_the_same_global_batch(world, two_proc, tmp
     assert train.main(flags(world, one, base=BASE)) == 0
     # Only rank 0 writes: one log line per step, one progress line per step, the usual files.
     assert [r["step"] for r in metrics(out)] == list(range(1, 25))
-    assert proc.stdout.count("step 1/24 |") == 1 and proc.stdout.count("held-out next-token loss") == 1
+    assert proc.stdout.count("step 1/24 |") == 1 and proc.stdout.count("next-token loss on the test split") == 1
     assert {f.name for f in out.iterdir() if not f.name.startswith("tokens-")} == \
         {"config.json", train.CHECKPOINT, "metrics.jsonl", "results.json"}
     assert checkpoint_state(out)["step"] == 24 and checkpoint_state(out)["samples"] == 24 * 4
@@ -155,7 +155,7 @@ def test_refused_data_stops_every_process(world, tmp_path):
     assert proc.returncode != 0
     err = proc.stderr
     # (rank 1 usually prints the line too, unless torchrun ends it first, seeing rank 0 exit)
-    assert "error: the training split has 328 tokens, fewer than one window" in err, err[-3000:]
+    assert "error: the train split has 365 tokens, fewer than one window" in err, err[-3000:]
     assert 'train.py", line' not in err  # no traceback from train.py (torchrun prints its own report)
     assert not out.exists()
 

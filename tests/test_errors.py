@@ -159,6 +159,21 @@ def test_tensor_of_the_wrong_shape(world, tmp_path, capsys, key):
     refused(flags((ckpt, world[1]), tmp_path / "out"), capsys, tmp_path / "out", key, "[3, 5]", "shape")
 
 
+@pytest.mark.parametrize("key", ["model.layers.3.mlp.down_proj.weight", "model.layers.2.mlp.up_proj.weight",
+                                 "model.embed_tokens.weight"], ids=["kept", "removed", "embedding"])
+def test_tensor_of_an_integer_dtype(world, tmp_path, capsys, key):
+    ckpt = broken_checkpoint(world, tmp_path / "ckpt", change_tensors=lambda t: t.update({key: t[key].to(torch.int64)}))
+    refused(flags((ckpt, world[1]), tmp_path / "out"), capsys, tmp_path / "out", key, "int64", "floating point")
+
+
+@pytest.mark.parametrize("where", [".", "runs/a"])
+def test_out_inside_the_model_directory(world, tmp_path, capsys, where):
+    ckpt = broken_checkpoint(world, tmp_path / "ckpt")
+    before = snapshot(ckpt)
+    refused(flags((ckpt, world[1]), ckpt / where, "--overwrite"), capsys, ckpt / where, "inside the checkpoint directory")
+    assert snapshot(ckpt) == before  # config.json (say) not replaced by a run's
+
+
 def test_tokenizer_missing(world, tmp_path, capsys):
     ckpt = broken_checkpoint(world, tmp_path / "ckpt")
     (ckpt / "tokenizer.json").unlink()
@@ -169,19 +184,19 @@ def test_tokenizer_missing(world, tmp_path, capsys):
 # The split, the rank and the depth (the tiny checkpoint has 6 layers; FLAGS use --max-steps 8).
 
 @pytest.mark.parametrize("extra, words", [
-    (["--n-prelude", "3", "--n-coda", "3"], ["n_prelude + n_coda + 1 = 7", "6 layers"]),
-    (["--recurrent-layer", "0"], ["recurrent_layer 0", "1..4"]),  # inside the prelude (layer 0)
-    (["--recurrent-layer", "5"], ["recurrent_layer 5", "1..4"]),  # inside the coda (layer 5)
-    (["--recurrent-layer", "9"], ["recurrent_layer 9"]),
-    (["--n-prelude", "-1"], ["n_prelude (-1)", ">= 0"]),
-    (["--n-coda", "-2"], ["n_coda (-2)", ">= 0"]),
-    (["--rank", "65"], ["rank 65 is larger than projection", "rank <= "]),
-    (["--rank", "0"], ["rank and max_steps must be >= 1"]),
+    (["--n-prelude", "3", "--n-coda", "3"], ["--n-prelude + --n-coda + 1 = 7", "6 layers"]),
+    (["--recurrent-layer", "0"], ["--recurrent-layer 0", "1..4"]),  # inside the prelude (layer 0)
+    (["--recurrent-layer", "5"], ["--recurrent-layer 5", "1..4"]),  # inside the coda (layer 5)
+    (["--recurrent-layer", "9"], ["--recurrent-layer 9"]),
+    (["--n-prelude", "-1"], ["--n-prelude (-1)", ">= 0"]),
+    (["--n-coda", "-2"], ["--n-coda (-2)", ">= 0"]),
+    (["--rank", "65"], ["--rank 65 is larger than projection", "--rank <= "]),
+    (["--rank", "0"], ["--rank and --max-steps must be >= 1"]),
     (["--depth", "0"], ["depth 0 is outside 1..8"]),
     (["--depth", "9"], ["depth 9 is outside 1..8"]),
     (["--depths", "2,9"], ["depth 9 is outside 1..8"]),
     (["--depths", "1,x"], ["--depths '1,x'"]),
-    (["--max-steps", "0", "--depth", "1"], ["max_steps must be >= 1"]),
+    (["--max-steps", "0", "--depth", "1"], ["--max-steps must be >= 1"]),
 ], ids=lambda v: "".join(v).lstrip("-") if isinstance(v, list) and v[0].startswith("--") else None)
 def test_bad_split_rank_or_depth(world, tmp_path, capsys, extra, words):
     refused(flags(world, tmp_path / "out", *extra), capsys, tmp_path / "out", *words)
@@ -196,8 +211,25 @@ def test_bad_split_rank_or_depth(world, tmp_path, capsys, extra, words):
     (["--grad-accum", "0"], ["--grad-accum 0"]),
     (["--save-every", "0"], ["--save-every 0"]),
     (["--lr", "-1"], ["--lr -1.0", "> 0"]),
-    (["--lr", "nan"], ["--lr nan"]),
-    (["--val-fraction", "1.5"], ["--val-fraction 1.5", "between 0 and 1"]),
+    (["--lr", "nan"], ["--lr", "'nan'"]),
+    (["--lr", "inf"], ["--lr", "'inf'"]),
+    (["--alpha", "nan"], ["--alpha", "'nan'"]),
+    (["--alpha", "0"], ["--alpha 0.0", "> 0"]),
+    (["--clip=-inf"], ["--clip", "'-inf'"]),
+    (["--weight-decay", "nan"], ["--weight-decay", "'nan'"]),
+    (["--min-lr-ratio", "inf"], ["--min-lr-ratio", "'inf'"]),
+    (["--temperature", "nan"], ["--temperature", "'nan'"]),
+    (["--temperature", "-1"], ["--temperature -1.0", ">= 0"]),
+    (["--top-k", "-5"], ["--top-k -5", ">= 1"]),
+    (["--max-new-tokens", "0"], ["--max-new-tokens 0", ">= 1"]),
+    (["--eval-windows", "-1"], ["--eval-windows -1", ">= 0"]),
+    (["--dev-fraction", "1.5"], ["--dev-fraction 1.5", "between 0 and 1"]),
+    (["--test-fraction", "0"], ["--test-fraction 0.0"]),
+    (["--dev-fraction", "0.6", "--test-fraction", "0.5"], ["--test-fraction 0.5", "1 - --dev-fraction"]),
+    (["--warmup", "50"], ["--warmup 50 is longer than the run (--steps 3)", "at most 3"]),
+    (["--step", "40"], ["unrecognized arguments: --step 40"]),  # no abbreviations: --step is not --steps
+    (["--seqlen", "40"], ["unrecognized arguments: --seqlen 40"]),
+    (["--data", ""], ["--data is empty", "unset shell variable"]),
     (["--no-such-flag"], ["unrecognized arguments: --no-such-flag", "--help"]),
     (["--steps", "three"], ["--steps", "'three'"]),
     (["--precision", "fp16"], ["--precision", "'fp16'", "bf16"]),
@@ -242,10 +274,31 @@ def test_data_empty(world, tmp_path, capsys, kind):
     refused(flags((world[0], path), tmp_path / "out"), capsys, tmp_path / "out", "holds no text")
 
 
-def test_data_bad_jsonl_line(world, tmp_path, capsys):
+@pytest.mark.parametrize("line, words", [('{"body": "no text field"}', ["no 'text' field"]),
+                                         ('{"text": null}', ["'text' is null, not a string"]),
+                                         ('{"text": 12}', ["'text' is 12, not a string"]),
+                                         ('["a list"]', ["not a JSON object"]),
+                                         ('{"text": "cut', ["not a JSON object"])])
+def test_data_bad_jsonl_line(world, tmp_path, capsys, line, words):
     path = tmp_path / "data.jsonl"
-    path.write_text('{"text": "fine"}\n{"body": "no text field"}\n')
-    refused(flags((world[0], path), tmp_path / "out"), capsys, tmp_path / "out", "data.jsonl:2", "'text'")
+    path.write_text('{"text": "fine"}\n' + line + "\n")
+    refused(flags((world[0], path), tmp_path / "out"), capsys, tmp_path / "out", "data.jsonl:2", *words)
+
+
+@pytest.mark.parametrize("name", ["data.bin", "data.txt", "corpus.txt.gz"])
+def test_data_binary_file(world, tmp_path, capsys, name):
+    path = tmp_path / name
+    raw = bytes(range(256)) * 4
+    path.write_bytes(raw if not name.endswith(".gz") else b"\x1f\x8b broken gzip")
+    refused(flags((world[0], path), tmp_path / "out"), capsys, tmp_path / "out", name, "not a UTF-8 text file")
+    # a binary file inside a data directory is named too; hidden ones (.git) are skipped
+    d = tmp_path / "dir"
+    (d / ".git").mkdir(parents=True)
+    (d / ".git" / "index").write_bytes(raw)
+    (d / "a.txt").write_text("some text")
+    assert [doc.text for doc in train.read_documents(d)] == ["some text"]
+    (d / name).write_bytes(path.read_bytes())
+    refused(flags((world[0], d), tmp_path / "out"), capsys, tmp_path / "out", name, "not a UTF-8 text file")
 
 
 def test_data_shorter_than_one_window(world, tmp_path, capsys):
@@ -254,8 +307,8 @@ def test_data_shorter_than_one_window(world, tmp_path, capsys):
 
 
 def test_data_with_no_held_out_document(world, tmp_path, capsys):
-    refused(flags(world, tmp_path / "out", "--val-fraction", "0.001"), capsys, tmp_path / "out",
-            "0 held out", "--val-fraction")
+    refused(flags(world, tmp_path / "out", "--dev-fraction", "0.001"), capsys, tmp_path / "out",
+            "0 dev", "--dev-fraction")
 
 
 @pytest.fixture(scope="module")
@@ -272,15 +325,15 @@ def test_token_ids_beyond_the_vocabulary(world, small_vocab, tmp_path, capsys):
             "beyond the model's vocabulary (64)", "tokenizer")
 
 
-# A run refused for its data used to create --out and cache its tokens there first. A --val-fraction no other
+# A run refused for its data used to create --out and cache its tokens there first. A --dev-fraction no other
 # command used means the tokens are not cached yet, so they are tokenised, refused and not written.
 @pytest.mark.parametrize("case", ["vocab", "short"])
 def test_refused_data_leaves_an_existing_run_unchanged(world, small_vocab, existing, capsys, case):
     if case == "vocab":
-        argv = flags((small_vocab, world[1]), existing, "--overwrite", "--val-fraction", "0.4")
+        argv = flags((small_vocab, world[1]), existing, "--overwrite", "--dev-fraction", "0.2")
         refused(argv, capsys, existing, "beyond the model's vocabulary")
     else:
-        argv = flags(world, existing, "--overwrite", "--val-fraction", "0.5", "--seq-len", "1000")
+        argv = flags(world, existing, "--overwrite", "--dev-fraction", "0.25", "--seq-len", "1000")
         refused(argv, capsys, existing, "--seq-len 1000")
 
 
@@ -299,7 +352,7 @@ def test_out_is_a_file(world, tmp_path, capsys):
 def test_resume_with_a_different_configuration_names_the_fields(world, existing, capsys):
     line = refused(flags(world, existing, "--resume", "--lr", "1e-2", "--depth", "3"), capsys, existing,
                    "different configuration")
-    assert "depth: 2 -> 3" in line and "lr: 0.003 -> 0.01" in line
+    assert "--depth: 2 -> 3" in line and "--lr: 0.003 -> 0.01" in line
     # flags that do not change the result may differ
     assert "save_every" not in line and "log_every" not in line
 
@@ -335,6 +388,24 @@ def test_resume_of_a_checkpoint_from_another_model(world, existing, tmp_path, ca
     refused(flags(world, run, "--resume"), capsys, run, "gate.weight", "not this run's")
 
 
+def test_sample_without_out_asks_for_out(tmp_path, capsys):
+    line = refused(["--sample", "hi", "--device", "cpu"], capsys, tmp_path / "none", "--out is required")
+    assert "--sample" in line and "--model" not in line
+
+
+def test_a_bad_flag_is_reported_before_an_existing_out(world, existing, capsys):
+    refused(flags(world, existing, "--lr", "-1"), capsys, existing, "--lr -1.0")
+    refused(flags(world, existing, "--warmup", "9"), capsys, existing, "--warmup 9")
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 0.0003)", "(default: 0.01)", "(default: dynamic)", "(default: 2048)"):
+        assert shown in text, shown
+
+
 def test_sample_and_eval_only_need_a_finished_run(tmp_path, capsys):
     refused(["--out", str(tmp_path / "none"), "--sample", "hi", "--device", "cpu"], capsys, tmp_path / "none",
             "no finished run")
@@ -354,5 +425,5 @@ def test_refusal_in_a_subprocess(world, small_vocab, tmp_path, case):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
     assert proc.returncode == 2, proc.stderr
     line = error_line(proc.stderr)
-    assert {"device": "tpu", "vocab": "vocabulary", "split": "n_prelude"}[case] in line
+    assert {"device": "tpu", "vocab": "vocabulary", "split": "--n-prelude"}[case] in line
     assert not (tmp_path / "out").exists()
