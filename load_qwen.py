@@ -7,17 +7,21 @@ every shape is checked. Problems raise `CheckpointError` with one line naming th
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from controller import ConfigError, Ouroboros, svd_bases
 from model import PROJECTIONS, Qwen2, Qwen2Config
 
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
@@ -208,10 +212,38 @@ def load_tokenizer(path) -> Tokenizer:
         raise CheckpointError(f"{file}: not a valid tokenizer ({e}); download it again") from None
 
 
-def _atomic(file: Path, write):
-    tmp = file.with_name(file.name + ".tmp")
-    write(tmp)
+def publish(tmp: Path, file: Path) -> None:
+    """Puts a finished temporary file in place: flushed to disk, then renamed over `file` in one step, so a
+    crash at any moment leaves either the old file or the new one, whole."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, file)
+
+
+def atomic_write(file: Path, write: Callable[[Path], None]) -> None:
+    """Every file the project writes goes through here: write(tmp) fills a temporary file beside `file`, which
+    is then published; if anything fails, the temporary file is removed and `file` is as it was."""
+    file = Path(file)
+    tmp = file.with_name(file.name + ".tmp")  # a stale one left by a killed process is simply written over
+    try:
+        write(tmp)
+        publish(tmp, file)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def fingerprint(path) -> str:
+    """A hash of a checkpoint's config.json and of its safetensors headers (every tensor's name, dtype, shape
+    and offsets): cheap to compute, and it changes when the directory holds another model."""
+    path = _check_dir(Path(path))
+    h = hashlib.sha256((path / "config.json").read_bytes() if (path / "config.json").is_file() else b"")
+    for file in sorted(path.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            h.update(file.name.encode() + f.read(min(n, 100_000_000)))
+    return h.hexdigest()
 
 
 def save_model(model: Qwen2, path, tokenizer: Tokenizer | None = None) -> None:
@@ -230,17 +262,16 @@ def save_model(model: Qwen2, path, tokenizer: Tokenizer | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         del tensors["lm_head.weight"]  # the same tensor as the embedding
-    _atomic(path / "model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
-    _atomic(path / "config.json", lambda f: f.write_text(json.dumps(config, indent=2)))
+    atomic_write(path / "model.safetensors", lambda f: save_file(tensors, str(f), metadata={"format": "pt"}))
+    atomic_write(path / "config.json", lambda f: f.write_text(json.dumps(config, indent=2)))
     if tokenizer is not None:
-        _atomic(path / "tokenizer.json", lambda f: tokenizer.save(str(f)))
+        atomic_write(path / "tokenizer.json", lambda f: tokenizer.save(str(f)))
 
 
 def load_ouroboros(path, cfg, dtype: torch.dtype | None = None, device="cpu"):
     """Builds Ouroboros from a checkpoint: the kept layers (prelude, recurrent, coda) are loaded; the removed
     layers are streamed one at a time, only to build the SVD LoRA bases, so peak memory stays near the kept
     weights. The trainable parameters are fresh (fp32); load a trained run's on top with load_state_dict."""
-    from controller import ConfigError, Ouroboros, svd_bases
 
     qcfg = load_config(path)
     prelude, rec, coda, removed = cfg.split(qcfg.num_hidden_layers)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tiny  # noqa: F401  (puts the project on sys.path)
+import data
 import train
 from load_qwen import load_model, load_tokenizer
 
@@ -63,8 +64,8 @@ def test_base_is_cached_in_xdg_cache_and_loads_in_transformers(demo_run):
 def test_second_run_reuses_the_cache(demo_run, monkeypatch):
     root, _, argv = demo_run
     calls = []
-    monkeypatch.setattr(train, "train_bpe", lambda texts: calls.append("bpe"))
-    monkeypatch.setattr(train, "tokenize", lambda *a: calls.append("tokenize"))
+    monkeypatch.setattr(data, "train_bpe", lambda *a: calls.append("bpe"))
+    monkeypatch.setattr(data, "tokenize", lambda *a: calls.append("tokenize"))
     out = root / "run2"
     # The arms' flags (seed, batch size, learning rate) are not the base's recipe: the cached base serves them.
     argv = [a if a != str(root / "run") else str(out) for a in argv] + ["--batch-size", "3", "--seed", "1", "--lr", "1e-3"]
@@ -84,22 +85,21 @@ def test_base_recipe_keys_the_cache(demo_run, monkeypatch):
 
 def test_held_out_files_never_appear_in_training(demo_run):
     _, corpus, _ = demo_run
-    docs = train.read_documents(corpus)
-    parts = train.split_documents(docs, 0.15, 0.2)
+    parts = {"train": [], "dev": [], "test": []}
+    for doc in data.read_documents(corpus):
+        parts[data.split_of(doc, 0.15, 0.2)].append(doc.text)
     held_out = parts["dev"] + parts["test"]
     assert parts["train"] and parts["dev"] and parts["test"]
     assert not set(parts["train"]) & set(held_out)
     tok = load_tokenizer(next((demo_run[0] / "cache" / "ouroboros").glob("base-*/model")))
-    how = train.argparse.Namespace(dev_fraction=0.15, test_fraction=0.2)
-    stream = train.load_tokens(docs, how, tok, demo_run[0] / "tokcheck", "k")["train"].tobytes()
+    stream = data.token_streams(corpus, tok, 0.15, 0.2, demo_run[0] / "tokcheck")["train"].tobytes()
     for text in held_out:  # no held-out file's token sequence is inside the training stream
         ids = np.asarray(tok.encode(text).ids[:64], dtype=np.uint32)
         assert ids.tobytes() not in stream
 
 
 def test_stdlib_corpus_is_the_default(monkeypatch):
-    docs = train.read_documents(None)
-    names = [d.name for d in docs]
+    names = [d.name for d in data.read_documents(None)]
     assert "os.py" in names and not any(n.startswith("test/") for n in names)
     assert names == sorted(names)
 

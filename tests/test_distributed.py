@@ -51,19 +51,20 @@ def start(*args):
 
 
 def kill(proc):
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    """SIGKILLs whatever is left of torchrun's process group (workers too, should torchrun have died first)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def finish(proc) -> subprocess.CompletedProcess:
     """Waits for torchrun (which waits for its workers) to exit. Still running after HANG seconds, it is hung:
     its whole process group is killed and the test fails."""
+    hung = False
     try:
         proc.wait(HANG)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"torchrun hung: still running after {HANG}s: {proc.args}")
+        hung = True
     finally:
         kill(proc)
     text = []
@@ -71,6 +72,8 @@ def finish(proc) -> subprocess.CompletedProcess:
         f.seek(0)
         text.append(f.read())
         f.close()
+    if hung:
+        pytest.fail(f"torchrun hung: still running after {HANG}s: {proc.args}\n{text[1][-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, *text)
 
 
@@ -165,23 +168,24 @@ import sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, {root!r})
-import train
+import runs
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 params = {{"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}}
-train.agree(world, params=params)  # identical: passes
+runs.agree(world, tensors=params)  # identical: passes
 print(f"rank {{rank}}: identical ok", flush=True)
 if rank == 1:
     params["b"][2] += 1e-7  # one element, by one ulp (1.0 + 1e-7 rounds to 1.0 + 2**-23)
+for what in ("trainable parameters", "trainable parameters or LoRA bases"):
+    try:
+        runs.agree(world, tensors=params, what=what)
+    except runs.RunError as e:
+        print(f"rank {{rank}}: {{e}}", flush=True)
+error = runs.RunError("disk full on rank 0") if rank == 0 else None
 try:
-    train.agree(world, params=params)
-except train.RunError as e:
-    print(f"rank {{rank}}: {{e}}", flush=True)
-error = train.RunError("disk full on rank 0") if rank == 0 else None
-try:
-    train.agree(world, error)
-except train.RunError as e:
+    runs.agree(world, error)
+except runs.RunError as e:
     print(f"rank {{rank}}: got {{e}}", flush=True)
 dist.destroy_process_group()
 '''
@@ -195,4 +199,5 @@ def test_agree_raises_everywhere_and_catches_different_parameters(tmp_path):
     for rank in (0, 1):
         assert f"rank {rank}: identical ok" in proc.stdout
         assert f"rank {rank}: the trainable parameters differ between the processes" in proc.stdout
+        assert f"rank {rank}: the trainable parameters or LoRA bases differ between the processes" in proc.stdout
         assert f"rank {rank}: got disk full on rank 0" in proc.stdout

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from test_train import QCFG, ROOT, flags, world  # noqa: F401 (world: fixtures)
 from tiny import make_checkpoint, tiny_config
 
+import data
 import train
 
 
@@ -296,7 +298,7 @@ def test_data_binary_file(world, tmp_path, capsys, name):
     (d / ".git").mkdir(parents=True)
     (d / ".git" / "index").write_bytes(raw)
     (d / "a.txt").write_text("some text")
-    assert [doc.text for doc in train.read_documents(d)] == ["some text"]
+    assert [doc.text for doc in data.read_documents(d)] == ["some text"]
     (d / name).write_bytes(path.read_bytes())
     refused(flags((world[0], d), tmp_path / "out"), capsys, tmp_path / "out", name, "not a UTF-8 text file")
 
@@ -381,7 +383,7 @@ def test_resume_of_a_checkpoint_from_another_model(world, existing, tmp_path, ca
     # Same flags, but the checkpoint holds other shapes (as if copied from another run): refused, not a crash.
     run = tmp_path / "run"
     shutil.copytree(existing, run)
-    with train.safe_open(str(run / train.CHECKPOINT), framework="pt") as f:
+    with safe_open(str(run / train.CHECKPOINT), framework="pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     tensors["param.gate.weight"] = torch.zeros(2, 2)
     save_file(tensors, str(run / train.CHECKPOINT), metadata=meta)

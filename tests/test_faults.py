@@ -21,6 +21,7 @@ from test_errors import error_line
 from test_train import (FLAGS, ROOT, checkpoint_state, flags, metrics, trainables,  # noqa: F401
                         with_flag, world)
 
+import runs
 import train
 
 SHORT = with_flag(with_flag(FLAGS, "--steps", "6"), "--save-every", "2")
@@ -127,6 +128,7 @@ def metrics_lines(out):
 KILLER = r'''
 import os, signal, sys
 sys.path.insert(0, {root!r})
+import runs
 import train
 
 mode, n, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
@@ -143,7 +145,7 @@ def nth():
 
 
 if mode == "mid-save":  # the checkpoint's temporary file half written
-    real_save = train.save_file
+    real_save = runs.save_file
 
     def save_file(tensors, path, metadata=None):
         if nth():
@@ -154,7 +156,7 @@ if mode == "mid-save":  # the checkpoint's temporary file half written
                 f.write(data[:len(data) // 2])
             die()
         real_save(tensors, path, metadata=metadata)
-    train.save_file = save_file
+    runs.save_file = save_file
 elif mode.startswith("before-rename"):  # a complete temporary file, not yet renamed over the target
     target = mode.split(":")[1]
     real_replace = os.replace
@@ -237,7 +239,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(world, short_ref, tmp_pa
         return False
 
     if how.startswith("save_file"):
-        real = train.save_file
+        real = runs.save_file
 
         def save_file(tensors, path, metadata=None):
             if second_fails():
@@ -245,7 +247,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(world, short_ref, tmp_pa
                     f.write(b"partial")
                 raise full if how.endswith("OSError") else SafetensorError(f"Error while serializing: {full}")
             real(tensors, path, metadata=metadata)
-        monkeypatch.setattr(train, "save_file", save_file)
+        monkeypatch.setattr(runs, "save_file", save_file)
     else:
         real_replace = os.replace
 
@@ -253,7 +255,7 @@ def test_failed_checkpoint_write_keeps_the_previous_one(world, short_ref, tmp_pa
             if str(dst).endswith(train.CHECKPOINT) and second_fails():
                 raise full
             real_replace(src, dst)
-        monkeypatch.setattr(train.os, "replace", replace)
+        monkeypatch.setattr(os, "replace", replace)
 
     capsys.readouterr()
     assert train.main(flags(world, out, base=SHORT)) == 2

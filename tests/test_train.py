@@ -2,7 +2,6 @@
 goes down, resume (also after Ctrl-C) is exact, the label shift is the next token, depth draws are seeded,
 the schedule, the held-out split, --sample / --eval-only, and refusing to overwrite a run."""
 import argparse
-import gzip
 import json
 import math
 import os
@@ -12,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -21,6 +19,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from load_qwen import load_model
 from tiny import make_checkpoint, tiny_config
 
+import data
+import runs
 import train  # importable because tiny puts the repository root on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,56 +347,6 @@ def test_lr_schedule():
     assert min(lrs) == pytest.approx(args.lr * args.min_lr_ratio)
 
 
-def test_split_follows_the_content_not_the_order():
-    docs = [train.Doc(f"line {i}", f"document number {i}") for i in range(300)]
-    parts = train.split_documents(docs, 0.1, 0.2)
-    # another order (as a reordered .jsonl or text file would give, named by position) changes nothing
-    renamed = [train.Doc(f"line {i}", d.text) for i, d in enumerate(reversed(docs))]
-    assert {k: set(v) for k, v in train.split_documents(renamed, 0.1, 0.2).items()} == {k: set(v) for k, v in parts.items()}
-    assert sorted(sum(parts.values(), [])) == sorted(d.text for d in docs)
-    assert 10 < len(parts["dev"]) < 55 and 30 < len(parts["test"]) < 95
-    assert not set(parts["dev"]) & set(parts["test"]) and not set(parts["train"]) & set(parts["test"])
-    # 200 copies of one document land on one side; a document stays where it was when others are added
-    copies = train.split_documents(docs + [train.Doc(f"copy {i}", docs[0].text) for i in range(200)], 0.1, 0.2)
-    assert sum(docs[0].text in v for v in copies.values()) == 1
-    assert set(parts["test"]) <= set(copies["test"])
-    # a record's id decides instead of its text: the same id, edited text, same split
-    ids = [train.split_of(train.Doc("x", f"version {v}", id="doc-7"), 0.1, 0.2) for v in range(20)]
-    assert len(set(ids)) == 1
-    assert len({train.split_of(train.Doc("x", f"version {v}"), 0.1, 0.2) for v in range(50)}) == 3
-
-
-def test_jsonl_split_does_not_depend_on_line_order(tmp_path):
-    records = [json.dumps({"text": f"record {i} " * 5}) for i in range(60)]
-    (tmp_path / "a.jsonl").write_text("\n".join(records))
-    (tmp_path / "b.jsonl").write_text("\n".join(reversed(records)))
-    a, b = (train.split_documents(train.read_documents(tmp_path / f), 0.2, 0.2) for f in ("a.jsonl", "b.jsonl"))
-    assert {k: set(v) for k, v in a.items()} == {k: set(v) for k, v in b.items()}
-
-
-def test_gzip_data_reads_like_the_plain_file(tmp_path):
-    text = "first document\n\nsecond one\n\nthird"
-    (tmp_path / "d.txt").write_text(text)
-    with gzip.open(tmp_path / "d.txt.gz", "wt") as f:
-        f.write(text)
-    plain, packed = train.read_documents(tmp_path / "d.txt"), train.read_documents(tmp_path / "d.txt.gz")
-    assert [d.text for d in plain] == [d.text for d in packed] == ["first document", "second one", "third"]
-
-
-def test_spread_covers_the_whole_split():
-    w = train.Windows(np.arange(1001, dtype=np.uint32), 10, 0)
-    assert w.n == 100
-    assert w.spread(0) == list(range(100)) == w.spread(500)
-    five = w.spread(5)
-    assert five[0] == 0 and five[-1] == 99 and len(five) == 5  # first and last window, evenly between
-    assert all(20 <= b - a <= 30 for a, b in zip(five, five[1:]))
-    # documents scored: end-of-text (3) closes documents 0 (tokens 0-2) and 1 (tokens 3-11); document 2 is token 12
-    tokens = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4], dtype=np.uint32)
-    w = train.Windows(tokens, 4, 0, eos_id=3)
-    assert w.n == 3  # the targets of window j are tokens 4j + 1 .. 4j + 4
-    assert [w.documents_in([j]) for j in range(3)] == [2, 1, 2] and w.documents_in([0, 1, 2]) == 3
-
-
 def cross_entropy_by_hand(logits, windows):
     """Position t of window b (having seen its tokens 0..t) against token t + 1: the shift written out."""
     logp = torch.log_softmax(logits.double(), dim=-1)
@@ -405,12 +355,19 @@ def cross_entropy_by_hand(logits, windows):
     return torch.stack(terms).mean().item()
 
 
+def split_by_hand(path, dev_fraction, test_fraction):
+    parts = {"train": [], "dev": [], "test": []}
+    for doc in data.read_documents(path):
+        parts[data.split_of(doc, dev_fraction, test_fraction)].append(doc.text)
+    return parts
+
+
 def streams_by_hand(world, dev_fraction=0.15, test_fraction=0.3):
     """The train / dev / test token streams, tokenised here: each document's ids, then end-of-text."""
     ckpt, corpus = world
     tok = train.load_tokenizer(ckpt)
     eos = tok.token_to_id("<|endoftext|>")
-    parts = train.split_documents(train.read_documents(corpus), dev_fraction, test_fraction)
+    parts = split_by_hand(corpus, dev_fraction, test_fraction)
     return {k: [i for t in v for i in tok.encode(t).ids + [eos]] for k, v in parts.items()}, tok
 
 
@@ -423,7 +380,7 @@ def test_held_out_tokens_never_reach_training(world, tmp_path):
     """The token streams of a real run: the training stream contains no dev or test document's tokens; the table
     is the next-token loss on every test window, computed here by hand; dev and test share no document."""
     streams, tok = streams_by_hand(world)
-    parts = train.split_documents(train.read_documents(world[1]), 0.15, 0.3)
+    parts = split_by_hand(world[1], 0.15, 0.3)
     assert not set(parts["dev"]) & set(parts["test"])
     stream = " " + " ".join(map(str, streams["train"])) + " "
     for t in parts["dev"] + parts["test"]:  # each document is unique ("number i"), so its tokens cannot recur
@@ -532,9 +489,9 @@ def test_precision_decides_the_base_dtype(world, tmp_path, precision, dtype):
 
 def test_each_checkpoint_is_written_once_and_read_once(world, tmp_path, monkeypatch):
     written, read = [], []
-    save_file, safe_open_ = train.save_file, train.safe_open
-    monkeypatch.setattr(train, "save_file", lambda t, f, metadata: written.append(f) or save_file(t, f, metadata=metadata))
-    monkeypatch.setattr(train, "safe_open", lambda f, **k: read.append(f) or safe_open_(f, **k))
+    save_file, safe_open_ = runs.save_file, runs.safe_open
+    monkeypatch.setattr(runs, "save_file", lambda t, f, metadata: written.append(f) or save_file(t, f, metadata=metadata))
+    monkeypatch.setattr(runs, "safe_open", lambda f, **k: read.append(f) or safe_open_(f, **k))
     out = tmp_path / "run"
     assert train.main(flags(world, out, "--stop-after", "2", base=with_flag(FLAGS, "--save-every", "2"))) == 0
     assert len(written) == 1 and read == []  # step 2: saved by --save-every, not again when the run stops

@@ -1,0 +1,341 @@
+"""Data: documents -> token streams (train, dev, test) -> windows of seq_len + 1 tokens.
+
+Documents are read as a stream (a .jsonl line by line, .gz through gzip), given a split by a hash of their
+content, tokenised in chunks straight into uint32 files, and written once to a token cache that every run
+and every process memory-maps. Also the demo's corpus (the standard library's source) and its BPE.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import gzip
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import time
+import zlib
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from load_qwen import atomic_write, publish
+
+SPLITS = ("train", "dev", "test")
+# Bumped whenever documents are read, split or tokenised differently, so that old caches are not reused.
+FORMAT = "ouroboros-tokens-1"
+
+
+class DataError(Exception):
+    """Data that no run can use; the message says which file and what to do."""
+
+
+class Doc(NamedTuple):
+    name: str  # where it came from, for messages
+    text: str
+    id: str | None = None  # a .jsonl record's "id": the split follows it instead of the text
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading documents, one at a time.
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The demo corpus: the running interpreter's standard library source, present on every machine.
+    Its test suites are left out (they are mostly generated data and would dominate)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
+    return root, sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
+
+
+def data_files(path) -> tuple[Path, list[Path]]:
+    """The files --data names (None: the demo corpus), checked before anything is read."""
+    if path is None:
+        return stdlib_files()
+    if not str(path).strip():
+        raise DataError("--data is empty (an unset shell variable?); pass a text file, a directory or a .jsonl")
+    path = Path(path)
+    if path.is_dir():  # hidden files and folders (.git, .DS_Store) are not documents
+        return path, sorted(f for f in path.rglob("*") if f.is_file()
+                            and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    if path.is_file():
+        return path.parent, [path]
+    raise DataError(f"{path}: no such file or directory; pass --data a text file, a directory or a .jsonl")
+
+
+def text_lines(file: Path) -> Iterator[str]:
+    """A file's lines, through gzip for .gz; anything that is not UTF-8 text (a binary file) is refused."""
+    try:
+        with (gzip.open(file, "rt", encoding="utf-8") if file.suffix == ".gz" else open(file, encoding="utf-8")) as f:
+            for line in f:
+                if "\0" in line:
+                    raise UnicodeError
+                yield line
+    except (UnicodeError, gzip.BadGzipFile, EOFError, zlib.error):
+        raise DataError(f"{file}: not a UTF-8 text file (binary data?); pass text, a .jsonl, or a .gz of either") from None
+
+
+def jsonl_documents(file: Path) -> Iterator[Doc]:
+    for n, line in enumerate(text_lines(file), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            what = "not a JSON object" if not isinstance(record, dict) else \
+                "no 'text' field" if "text" not in record else f"'text' is {json.dumps(record['text'])}, not a string"
+            raise DataError(f"{file}:{n}: {what}; each line must be a JSON object with a string 'text' field")
+        yield Doc(f"{file.name}:{n}", record["text"], None if record.get("id") is None else str(record["id"]))
+
+
+def paragraphs(file: Path) -> Iterator[Doc]:
+    """A text file's documents: the paragraphs between blank lines."""
+    lines, n = [], 0
+    for line in text_lines(file):
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            yield Doc(f"{file.name}, paragraph {n}", "".join(lines).rstrip("\n"))
+            lines, n = [], n + 1
+    if lines:
+        yield Doc(f"{file.name}, paragraph {n}", "".join(lines).rstrip("\n"))
+
+
+def read_documents(path) -> Iterator[Doc]:
+    """Documents, one at a time, from a text file (split at blank lines), a directory (one file each, or the
+    records of its .jsonl files), or a .jsonl. None means the demo corpus."""
+    root, files = data_files(path)
+    for f in files:
+        if path is None:  # the standard library holds a few files that are not UTF-8; read them as best we can
+            yield Doc(str(f.relative_to(root)), f.read_text(errors="replace"))
+        elif f.name.endswith((".jsonl", ".jsonl.gz")):
+            yield from jsonl_documents(f)
+        elif Path(path).is_dir():
+            yield Doc(str(f.relative_to(root)), "".join(text_lines(f)))
+        else:
+            yield from paragraphs(f)
+
+
+def split_of(doc: Doc, dev_fraction: float, test_fraction: float) -> str:
+    """A document's split, from a hash of its content (or its id): the same wherever the document sits in the
+    corpus, and copies of one document always land together."""
+    key = doc.text if doc.id is None else f"id:{doc.id}"
+    u = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 16**8
+    return "test" if u < test_fraction else "dev" if u < test_fraction + dev_fraction else "train"
+
+
+def source_digest(path) -> str:
+    """A hash of every byte --data reads (and of the file names): the token cache's key."""
+    root, files = data_files(path)
+    h = hashlib.sha256(FORMAT.encode())
+    for f in files:
+        h.update(f"\0{f.relative_to(root)}\0{f.stat().st_size}\0".encode())
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokenising into the cache.
+
+def eos_token_id(tokenizer) -> int:
+    for tok in ("<|endoftext|>", "</s>", "<eos>"):
+        if (i := tokenizer.token_to_id(tok)) is not None:
+            return i
+    raise DataError("the tokenizer has no end-of-text token (<|endoftext|>); use the checkpoint's own tokenizer.json")
+
+
+def token_cache(root: Path | None) -> Path:
+    """--token-cache, by default the per-user cache directory ($XDG_CACHE_HOME/ouroboros/tokens)."""
+    if root is not None:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ouroboros" / "tokens"
+
+
+def load_stream(file: Path) -> np.ndarray:
+    # memory-mapped, so every run and every process shares the page cache instead of holding a copy
+    return np.memmap(file, dtype=np.uint32, mode="r") if file.stat().st_size else np.zeros(0, np.uint32)
+
+
+@contextlib.contextmanager
+def locked(file: Path):
+    """One process at a time: the others wait here (outside any collective, so no watchdog fires) and then
+    find the cache written."""
+    with open(file, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def token_streams(path, tokenizer, dev_fraction: float, test_fraction: float, cache: Path,
+                  check=None) -> dict[str, np.ndarray]:
+    """The train, dev and test token streams of --data: each document's ids, then end-of-text. Read from the
+    cache when this data, tokenizer and split were tokenised before; else tokenised now and cached, after
+    check(streams) has accepted them (so unusable data leaves no file behind)."""
+    tok_digest = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+    key = hashlib.sha256(f"{source_digest(path)}|{tok_digest}|{dev_fraction}|{test_fraction}".encode()).hexdigest()[:20]
+    files = {s: cache / f"tokens-{key}-{s}.u32" for s in SPLITS}
+    cache.mkdir(parents=True, exist_ok=True)
+    with locked(cache / f"tokens-{key}.lock"):
+        if not all(f.is_file() for f in files.values()):
+            tmp = {s: f.with_name(f.name + f".{os.getpid()}.tmp") for s, f in files.items()}
+            try:
+                tokenize(path, tokenizer, dev_fraction, test_fraction, tmp)
+                if check is not None:
+                    check({s: load_stream(f) for s, f in tmp.items()})
+                for s in SPLITS:
+                    publish(tmp[s], files[s])
+            finally:
+                for f in tmp.values():
+                    f.unlink(missing_ok=True)
+    return {s: load_stream(f) for s, f in files.items()}
+
+
+def tokenize(path, tokenizer, dev_fraction: float, test_fraction: float, files: dict[str, Path]) -> None:
+    """Streams the documents through the tokenizer's batch encoder, about 1 MB of text at a time, appending
+    each split's uint32 ids to its file: memory stays at one chunk, whatever the corpus."""
+    eos = eos_token_id(tokenizer)
+    docs, tokens, t0 = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), time.time()
+    outs = {s: open(f, "wb") for s, f in files.items()}
+    try:
+        chunk, size = [], 0
+        for doc in read_documents(path):
+            if not doc.text.strip():
+                continue
+            chunk.append((split_of(doc, dev_fraction, test_fraction), doc.text))
+            size += len(doc.text)
+            if size >= 1 << 20:
+                encode_chunk(chunk, tokenizer, eos, outs, docs, tokens)
+                chunk, size = [], 0
+                progress(docs, tokens, t0)
+        encode_chunk(chunk, tokenizer, eos, outs, docs, tokens)
+        progress(docs, tokens, t0, end="\n")
+    finally:
+        for f in outs.values():
+            f.close()
+    if not sum(docs.values()):
+        raise DataError(f"{path}: holds no text; pass --data with some documents")
+    if not all(docs.values()):
+        counts = ", ".join(f"{n} {s}" for s, n in docs.items())
+        raise DataError(f"the {sum(docs.values())} documents split into {counts}; every split needs one, so use "
+                        "more documents or larger --dev-fraction / --test-fraction")
+
+
+def encode_chunk(chunk, tokenizer, eos: int, outs, docs, tokens) -> None:
+    if not chunk:
+        return
+    for (split, _), enc in zip(chunk, tokenizer.encode_batch_fast([t for _, t in chunk])):
+        ids = np.asarray(enc.ids + [eos], dtype=np.uint32)
+        outs[split].write(ids.tobytes())
+        docs[split] += 1
+        tokens[split] += len(ids)
+
+
+def progress(docs, tokens, t0, end="") -> None:
+    n = sum(tokens.values())
+    print(f"\rtokenising: {sum(docs.values()):,} documents, {n:,} tokens "
+          f"({', '.join(f'{s} {tokens[s]:,}' for s in SPLITS)}), {n / max(time.time() - t0, 1e-9):,.0f} tokens/s",
+          end=end, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Windows.
+
+class Windows:
+    """Consecutive windows of seq_len + 1 tokens; sample k of the training order is window perm_e[k mod n]
+    with a fresh seeded permutation each epoch e, so the data position is just a sample count."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, eos_id: int | None = None):
+        self.tokens, self.seq_len, self.seed, self.eos_id = tokens, seq_len, seed, eos_id
+        self.n = (len(tokens) - 1) // seq_len
+        self._perm = (None, None)
+
+    def window(self, i: int) -> np.ndarray:
+        return self.tokens[i * self.seq_len: i * self.seq_len + self.seq_len + 1]
+
+    def rows(self, indices) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.window(j).astype(np.int64) for j in indices]))  # (len, seq_len + 1)
+
+    def batch(self, start: int, size: int) -> torch.Tensor:
+        indices = []
+        for k in range(start, start + size):
+            epoch, j = divmod(k, self.n)
+            if self._perm[0] != epoch:
+                self._perm = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n))
+            indices.append(self._perm[1][j])
+        return self.rows(indices)
+
+    def spread(self, k: int) -> list[int]:
+        """k windows spaced evenly from the first to the last (every window when k is 0 or >= n), so an
+        evaluation covers the whole split, not its first documents."""
+        if k <= 0 or k >= self.n:
+            return list(range(self.n))
+        return sorted(set(np.linspace(0, self.n - 1, k).round().astype(int).tolist()))
+
+    def coverage(self, k: int) -> dict:
+        """What an evaluation of spread(k) scores, for the table: windows, tokens and documents of the split."""
+        scored = self.spread(k)
+        return dict(windows=len(scored), tokens=len(scored) * self.seq_len, documents=self.documents_in(scored),
+                    split_windows=self.n, split_documents=int(np.count_nonzero(self.tokens == self.eos_id)))
+
+    def documents_in(self, indices) -> int:
+        """How many documents the given windows score a token of (each document ends with end-of-text)."""
+        doc = np.concatenate(([0], np.cumsum(self.tokens == self.eos_id)))  # token i is in document doc[i]
+        seen = set()
+        for j in indices:  # window j's targets are tokens j*T + 1 .. j*T + T
+            seen.update(range(int(doc[j * self.seq_len + 1]), int(doc[j * self.seq_len + self.seq_len]) + 1))
+        return len(seen)
+
+
+def windows_for(streams: dict[str, np.ndarray], seq_len: int, seed: int, vocab_size: int,
+                eos_id: int) -> dict[str, Windows]:
+    for split, ids in streams.items():
+        if len(ids) < seq_len + 1:
+            raise DataError(f"the {split} split has {len(ids)} tokens, fewer than one window of --seq-len "
+                            f"{seq_len} + 1; add data or lower --seq-len")
+        if int(ids.max()) >= vocab_size:
+            raise DataError(f"token id {int(ids.max())} in the {split} data is beyond the model's vocabulary "
+                            f"({vocab_size}); tokenise with the checkpoint's own tokenizer")
+    return {s: Windows(ids, seq_len, seed, eos_id) for s, ids in streams.items()}
+
+
+def splits(path, tokenizer, vocab_size: int, seq_len: int, seed: int, dev_fraction: float, test_fraction: float,
+           cache: Path) -> dict[str, Windows]:
+    """The train, dev and test windows of --data, each stream checked to fit the model and --seq-len."""
+    eos = eos_token_id(tokenizer)
+    streams = token_streams(path, tokenizer, dev_fraction, test_fraction, cache,
+                            check=lambda s: windows_for(s, seq_len, seed, vocab_size, eos))
+    return windows_for(streams, seq_len, seed, vocab_size, eos)  # a cached stream may not fit this --seq-len
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The demo's tokenizer: a byte-level BPE trained on the training split only.
+
+def train_bpe(path, vocab_size: int, dev_fraction: float, test_fraction: float) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((d.text for d in read_documents(path)
+                             if split_of(d, dev_fraction, test_fraction) == "train"), trainer)
+    return tok
+
+
+def demo_tokenizer(path, vocab_size: int, dev_fraction: float, test_fraction: float, cache: Path) -> Tokenizer:
+    """The demo's BPE, trained on the training split only, and cached under a key of what it was trained on."""
+    key = hashlib.sha256(f"{source_digest(path)}|{dev_fraction}|{test_fraction}|{vocab_size}".encode()).hexdigest()
+    file = cache / f"tokenizer-{key[:16]}.json"
+    if not file.is_file():
+        print(f"training a {vocab_size}-token byte-level BPE on the training split")
+        tokenizer = train_bpe(path, vocab_size, dev_fraction, test_fraction)
+        cache.mkdir(parents=True, exist_ok=True)
+        atomic_write(file, lambda f: tokenizer.save(str(f)))
+    return Tokenizer.from_file(str(file))
