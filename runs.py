@@ -7,6 +7,7 @@ checkpoint.safetensors (trainables, optimizer and RNG state, step) and results.j
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -43,6 +44,24 @@ class Interrupted(Exception):
 # ----------------------------------------------------------------------------------------------------------
 # The run directory.
 
+class Parser(argparse.ArgumentParser):
+    """Flags with no abbreviations ("--step 40" must not silently mean --steps), and errors in one line."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):  # one line, not argparse's usage block
+        raise RunError(f"{message}; see python train.py --help")
+
+
+def number(text: str) -> float:
+    """A float flag: nan and inf are refused here, so no run starts with them."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
 def check_out_dir(args) -> Path:
     """Refuses to touch an existing run unless told to; changes nothing itself."""
     if not args.out:
@@ -71,7 +90,8 @@ def check_flags(args) -> None:
     """Values that pass argparse's type check but would fail mid-run (a division by zero, an optimizer error)
     or silently do something other than asked."""
     checks = [(f, getattr(args, f) >= 1, ">= 1") for f in ("seq_len", "batch_size", "grad_accum", "steps",
-                                                           "log_every", "save_every", "max_new_tokens", "top_k")]
+                                                           "log_every", "save_every", "max_new_tokens", "top_k",
+                                                           "pretrain_steps")]
     checks += [(f, getattr(args, f) >= 0, ">= 0") for f in ("warmup", "eval_every", "eval_windows", "weight_decay",
                                                             "temperature")]
     checks += [("stop_after", args.stop_after is None or args.stop_after >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),

@@ -5,10 +5,9 @@
     python train.py --out DIR --sample "prompt"                   generate with a trained run
     torchrun --nproc-per-node N train.py ...                      data-parallel
 
-Read top to bottom: the flags, the label shift and the loss, the learning-rate schedule, the one training loop
-that every variant (and the demo's pretraining) goes through, evaluation and the comparison table, one run,
-the demo, main(). The data pipeline is data.py; what keeps a run safe (checkpoints, signals, agreement between
-processes) is runs.py.
+Read top to bottom: flags, the label shift and loss, the learning-rate schedule, the one training loop (every
+variant's, and the demo's pretraining), evaluation, one run, the demo, main(). Data: data.py; what keeps a run
+safe (checkpoints, signals, agreement between processes): runs.py.
 """
 from __future__ import annotations
 
@@ -29,36 +28,20 @@ from data import DataError, Windows, demo_tokenizer, source_digest, token_cache,
 from data import splits as data_splits
 from load_qwen import CheckpointError, load_config, load_model, load_ouroboros, load_tokenizer, save_model
 from model import Qwen2, Qwen2Config
-from runs import (CHECKPOINT, Interrupted, RunError, Saver, StopSignals, agree, all_mean, autocast, check_flags,
-                  check_out_dir, check_resume, check_same_model, clip_gradients, compare, flag_names, fmt_time,
+from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals, agree, all_mean, autocast, check_flags,
+                  check_out_dir, check_resume, check_same_model, clip_gradients, compare, flag_names, fmt_time, number,
                   init_distributed, log_line, pick_device, read_checkpoint, read_run_config, resolve_precision,
                   print_progress, restore, resume, skip_update, start_run, world_rank, write_results)
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not argparse's usage block
-        raise RunError(f"{message}; see python train.py --help")
-
-
-def number(text: str) -> float:
-    """A float flag: nan and inf are refused here, so no run starts with them."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    # allow_abbrev=False: "--step 40" must not silently mean --steps.
     p = Parser(description="Train Ouroboros (a looped Qwen2 layer with input-conditioned LoRA) on a Qwen2 checkpoint. "
                            "Without --model: the offline CPU demo, whose defaults are sized for a 2-core CPU "
-                           "(--steps 80 --seq-len 256 --batch-size 16 --grad-accum 1 --depth 4 ...).",
-               allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           "(--steps 80 --seq-len 256 --batch-size 16 --grad-accum 1 --depth 4 ...).")
     a = p.add_argument
     a("--model", help="Qwen2/Qwen2.5 checkpoint directory (Hugging Face layout). Omit for the offline CPU demo.")
-    a("--data", help="training text: a file (documents separated by blank lines), a directory of text files "
-                     "(hidden ones skipped), or a .jsonl with a 'text' field (and optionally an 'id'); .gz files "
-                     "are read through gzip. The demo defaults to the Python standard library's source.")
+    a("--data", help="a text file (documents split at blank lines), a directory (a document per file), a .jsonl "
+                     "('text', optional 'id'), or a .gz of one; the demo's default: the standard library's source")
     a("--out", help="run directory: config, checkpoint, metrics.jsonl, results.json")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -72,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--rank", type=int, default=32, help="LoRA rank r")
     a("--alpha", type=number, default=16.0, help="LoRA alpha; the delta is scaled by alpha / r")
     a("--depth", type=int, default=8, help="recurrent steps per forward")
-    a("--depths", help="comma list, e.g. 4,8,16: depth drawn per optimizer step from a seeded generator "
-                       "(overrides --depth; evaluation runs at each)")
+    a("--depths", help="e.g. 4,8,16: a depth drawn per optimizer step (seeded); evaluated at each")
     a("--max-steps", type=int, default=64, help="the Controller's step embedding size and the number of step norms")
     a("--n-prelude", type=int, help="frozen layers before the loop (default round(8L/36), 8 on Qwen2.5-3B)")
     a("--recurrent-layer", type=int, help="the looped layer (default L // 2, 18 on Qwen2.5-3B)")
@@ -99,26 +81,21 @@ def training_flags(a) -> None:
     a("--lr", type=number, default=3e-4, help="peak learning rate")
     a("--min-lr-ratio", type=number, default=0.1, help="final learning rate as a fraction of --lr")
     a("--warmup", type=int, default=50, help="linear warmup, in optimizer steps")
-    a("--weight-decay", type=number, default=0.01, help="AdamW weight decay (the paper's), on the weight matrices "
-      "of the Controller and the gate only: never on norms, step embeddings, the static c or biases")
+    a("--weight-decay", type=number, default=0.01, help="AdamW's, on the Controller's and gate's matrices only")
     a("--clip", type=number, default=1.0, help="gradient norm clip")
     a("--seed", type=int, default=0, help="seed for data order, depth draws and initialisation")
     a("--dev-fraction", type=number, default=0.01, help="share of documents in the dev split, read by --eval-every")
-    a("--test-fraction", type=number, default=0.01, help="share of documents in the test split, read only by the "
-      "final comparison table")
-    a("--eval-windows", type=int, default=256, help="windows scored per evaluation, spread evenly over the whole "
-      "split (0: every window)")
+    a("--test-fraction", type=number, default=0.01, help="share of documents in the test split, read by the table")
+    a("--eval-windows", type=int, default=256, help="windows per evaluation, spread over the split (0: all)")
     a("--eval-every", type=int, default=200, help="dev-split evaluation every N steps (0: never)")
     a("--log-every", type=int, default=10, help="progress line every N steps")
     a("--save-every", type=int, default=100, help="checkpoint every N steps (also at the end and on Ctrl-C)")
     a("--stop-after", type=int, help="stop with a checkpoint after N steps in this invocation (for time-sliced jobs)")
-    a("--token-cache", help="directory of tokenised corpora shared by every run (default: "
-                            "$XDG_CACHE_HOME/ouroboros/tokens, or ~/.cache/ouroboros/tokens)")
+    a("--token-cache", help="tokenised corpora, shared by every run (default: ~/.cache/ouroboros/tokens)")
     a("--pretrain-steps", type=int, default=720, help="demo only: optimizer steps pretraining its base model")
     a("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    a("--precision", default="auto", choices=["auto", "bf16", "fp32"],
-      help="compute and frozen-base dtype (trainables stay fp32): bf16 autocast or fp32. auto: bf16 on CUDA and on "
-           "CPUs with native bf16 (AVX512-BF16 or AMX), fp32 on other CPUs, where bf16 is slow")
+    a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute and frozen-base dtype "
+      "(trainables stay fp32); auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,9 +151,8 @@ def build_optimizer(model: torch.nn.Module, params: dict, args, device) -> torch
 
 def train(forward, model: torch.nn.Module, data: Windows, dev: Windows | None, args, out: Path, device,
           resume_from: tuple | None = None, looped: bool = True, world: int = 1, rank: int = 0) -> dict:
-    """Optimizes the trainable parameters of `model` (fp32) so that forward(inputs, depth) predicts the next
-    token; --eval-every reads `dev`. `looped` is False for the demo's pretraining, where there is no depth.
-    `resume_from`: a checkpoint from runs.read_checkpoint. Returns the training state."""
+    """Optimizes the trainable parameters of `model` (fp32) so that forward(inputs, depth) predicts the next token;
+    --eval-every reads `dev`; `looped` is False for the demo's pretraining (no depth). Returns the final state."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(model, params, args, device)
     state = resume(resume_from, out, params, optimizer, rank) if resume_from else dict(step=0, bad_steps=0, world=world)
@@ -250,9 +226,8 @@ def evaluate(forward, split: Windows, args, device, what: str | None = None) -> 
         with autocast(device, args.precision):
             total += next_token_loss(forward(x), y).double() * len(chunk)
         if what and rank == 0:
-            print(f"\revaluating {what}: {n + 1}/{len(mine)} batches", end="", file=sys.stderr, flush=True)
-    if what and rank == 0:
-        print(file=sys.stderr)
+            print(f"\revaluating {what}: {n + 1}/{len(mine)} batches", end="\n" if n + 1 == len(mine) else "",
+                  file=sys.stderr, flush=True)
     return all_mean(total, world).item() * world / len(indices)
 
 
@@ -267,34 +242,36 @@ def count(params) -> int:
     return sum(p.numel() for p in {id(p): p for p in params}.values())
 
 
-def reference_rows(model_path, model: Ouroboros, test: Windows, args, device) -> list[dict]:
-    """Full model and cut baseline on the same test windows as every trained arm."""
-    full = load_model(model_path, base_dtype(args.precision), device)
-    name = f"full model ({len(full.layer_ids)} layers)"
-    rows = [dict(name=name, kept=count(full.parameters()), trainable=0, loss=evaluate(full, test, args, device, name))]
+def table_rows(model: Ouroboros, test: Windows, args, device) -> list[dict]:
+    """The comparison table's rows, all on the same test windows: the full model, the cut baseline, and the
+    trained arm at each evaluation depth."""
+    full = load_model(args.model, BASE_DTYPE[args.precision], device)
+    rows = [dict(name=f"full model ({len(full.layer_ids)} layers)", kept=count(full.parameters()), trainable=0),
+            dict(name=f"cut baseline ({len(model.base.layer_ids)} layers)", kept=count(model.base.parameters()),
+                 trainable=0)]
+    for row, m in zip(rows, (full, model.base)):
+        row["loss"] = evaluate(m, test, args, device, row["name"])
     del full
-    name = f"cut baseline ({len(model.base.layer_ids)} layers)"
-    return rows + [dict(name=name, kept=count(model.base.parameters()), trainable=0,
-                        loss=evaluate(model.base, test, args, device, name))]
-
-
-def arm_rows(model: Ouroboros, name: str, test: Windows, args, device) -> list[dict]:
     model.eval()
     control = model.controller is None and model.gate is not None and model.step_norm is not None
-    return [dict(name=f"{name}, depth {d}", kept=count(model.base.parameters()), control=control,
-                 trainable=count(model.trainable_parameters().values()),
-                 loss=evaluate(lambda x: model(x, d), test, args, device, f"{name}, depth {d}"))
-            for d in args.eval_depths]
+    for d in args.eval_depths:
+        name = f"{arm_name(args)}, depth {d}"
+        rows.append(dict(name=name, kept=count(model.base.parameters()), control=control,
+                         trainable=count(model.trainable_parameters().values()),
+                         loss=evaluate(lambda x: model(x, d), test, args, device, name)))
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
 # One Ouroboros run: check everything, then train, then the comparison table on the test split.
 
+# The frozen base is stored in the compute dtype on every device: fp32 under fp32; bf16 under bf16 autocast,
+# which would otherwise re-cast every frozen fp32 weight at every matmul.
+BASE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 def ouroboros_config(args, n_layers: int) -> OuroborosConfig:
-    p, r, c = paper_split(n_layers)
-    args.n_prelude = p if args.n_prelude is None else args.n_prelude
-    args.recurrent_layer = r if args.recurrent_layer is None else args.recurrent_layer
-    args.n_coda = c if args.n_coda is None else args.n_coda
+    for flag, default in zip(("n_prelude", "recurrent_layer", "n_coda"), paper_split(n_layers)):
+        setattr(args, flag, default if getattr(args, flag) is None else getattr(args, flag))
     cfg = OuroborosConfig(n_prelude=args.n_prelude, recurrent_layer=args.recurrent_layer, n_coda=args.n_coda,
                           rank=args.rank, alpha=args.alpha, max_steps=args.max_steps, controller=args.controller,
                           gate=not args.no_gate, step_norm=not args.no_step_norm, pool=args.pool,
@@ -307,33 +284,12 @@ def ouroboros_config(args, n_layers: int) -> OuroborosConfig:
     return cfg
 
 
-def base_dtype(precision: str) -> torch.dtype:
-    # The frozen base is stored in the compute dtype on every device: fp32 under fp32; bf16 under bf16 autocast,
-    # which would otherwise re-cast every frozen fp32 weight at every matmul.
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-
-
 def prepare_arm(args, device):
     """Validates the run and loads the model. Nothing is written."""
     qcfg = load_config(args.model)
     cfg = ouroboros_config(args, qcfg.num_hidden_layers)
     torch.manual_seed(args.seed)
-    return qcfg, load_ouroboros(args.model, cfg, base_dtype(args.precision), device)
-
-
-def train_arm(args, model: Ouroboros, splits: dict[str, Windows], out: Path, device, checkpoint=None,
-              world=1, rank=0) -> list[dict]:
-    """Trains one arm; returns its rows of the comparison table."""
-    if rank == 0:
-        if checkpoint is None:
-            start_run(out, args)
-        print(f"{arm_name(args)}: {count(model.trainable_parameters().values()):,} trainable parameters, layers "
-              f"{model.prelude} + [{model.recurrent}] x depth + {model.coda}; {splits['train'].n:,} training windows "
-              f"of {args.seq_len} tokens")
-    model.train()
-    train(lambda x, depth: model(x, depth), model, splits["train"], splits["dev"], args, out, device, checkpoint,
-          True, world, rank)
-    return arm_rows(model, arm_name(args), splits["test"], args, device)
+    return qcfg, load_ouroboros(args.model, cfg, BASE_DTYPE[args.precision], device)
 
 
 def run(args) -> int:
@@ -343,8 +299,6 @@ def run(args) -> int:
     out = check_out_dir(args)
     if args.sample or args.eval_only:
         return use_finished_run(args, out, device)
-    if args.data is None:
-        raise RunError("--data is required with --model; pass a text file, a directory or a .jsonl")
     qcfg, model = prepare_arm(args, device)
     checkpoint = check_resume(out, args, model.trainable_parameters()) if args.resume else None
     # Tokenised (or read from the cache) before the processes start: one at a time, so none waits in a collective.
@@ -354,8 +308,16 @@ def run(args) -> int:
     try:
         agree(world, tensors=dict(model.named_parameters()) | dict(model.named_buffers()),
               what="trainable parameters or LoRA bases")
-        rows = train_arm(args, model, splits, out, device, checkpoint, world, rank)
-        rows = reference_rows(args.model, model, splits["test"], args, device) + rows
+        if rank == 0 and checkpoint is None:
+            start_run(out, args)
+        if rank == 0:
+            print(f"{arm_name(args)}: {count(model.trainable_parameters().values()):,} trainable parameters, layers "
+                  f"{model.prelude} + [{model.recurrent}] x depth + {model.coda}; {splits['train'].n:,} training "
+                  f"windows of {args.seq_len} tokens")
+        model.train()
+        train(lambda x, depth: model(x, depth), model, splits["train"], splits["dev"], args, out, device,
+              checkpoint, True, world, rank)
+        rows = table_rows(model, splits["test"], args, device)
         if rank == 0:
             write_results(out, rows, splits["test"].coverage(args.eval_windows))
     except OSError as e:  # the file system's (a full disk, no permission): the user's to fix, so one line
@@ -370,8 +332,7 @@ def use_finished_run(args, out: Path, device) -> int:
     """--sample and --eval-only: rebuild the run from its config.json and checkpoint."""
     if not (out / "config.json").is_file() or not (out / CHECKPOINT).is_file():
         raise RunError(f"{out}: no finished run here (config.json and {CHECKPOINT} are needed)")
-    # Flags added since the run was made take their defaults.
-    saved = argparse.Namespace(**{**vars(build_parser().parse_args([])), **read_run_config(out)})
+    saved = argparse.Namespace(**{**vars(build_parser().parse_args([])), **read_run_config(out)})  # new flags: defaults
     saved.device, saved.precision, saved.token_cache = args.device, args.precision, args.token_cache
     check_same_model(out, vars(saved), saved.model)
     qcfg, model = prepare_arm(saved, device)
@@ -383,14 +344,12 @@ def use_finished_run(args, out: Path, device) -> int:
             raise RunError("--sample needs a non-empty prompt")
         gen = torch.Generator(device=device).manual_seed(saved.seed)
         with autocast(device, saved.precision):
-            outp = model.eval().generate(ids, max(saved.eval_depths), args.max_new_tokens, args.temperature,
-                                         args.top_k, gen)
-        print(tokenizer.decode(outp[0].tolist()))
+            ids = model.eval().generate(ids, max(saved.eval_depths), args.max_new_tokens, args.temperature, args.top_k, gen)
+        print(tokenizer.decode(ids[0].tolist()))
         return 0
     test = data_splits(saved.data, tokenizer, qcfg.vocab_size, saved.seq_len, saved.seed, saved.dev_fraction,
                        saved.test_fraction, token_cache(saved.token_cache))["test"]
-    rows = reference_rows(saved.model, model, test, saved, device) + arm_rows(model, arm_name(saved), test, saved, device)
-    write_results(out, rows, test.coverage(saved.eval_windows))
+    write_results(out, table_rows(model, test, saved, device), test.coverage(saved.eval_windows))
     return 0
 
 
@@ -424,8 +383,7 @@ def pretrain_base(args, tokenizer, data: Windows, base_dir: Path, device) -> Pat
     cfg = Qwen2Config(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=pargs.seq_len, **DEMO_BASE)
     torch.manual_seed(pargs.seed)
     model = Qwen2(cfg).to(device).train()
-    run_dir = base_dir / "pretrain"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir := base_dir / "pretrain").mkdir(parents=True, exist_ok=True)
     print(f"pretraining the demo base: Qwen2 with {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
           f"{count(model.parameters()):,} parameters, {pargs.steps} steps (cached for later runs)")
     checkpoint = read_checkpoint(run_dir) if (run_dir / CHECKPOINT).is_file() else None
@@ -437,8 +395,6 @@ def pretrain_base(args, tokenizer, data: Windows, base_dir: Path, device) -> Pat
 
 def demo(args) -> int:
     check_flags(args)
-    if args.pretrain_steps < 1:
-        raise RunError(f"--pretrain-steps {args.pretrain_steps} is invalid; pass a value >= 1")
     device = pick_device(args.device)
     args.precision = resolve_precision(args.precision, device)
     t0 = time.time()
@@ -477,12 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.model is None and not (args.sample or args.eval_only):
             parser.set_defaults(**DEMO_ARM)
             return demo(parser.parse_args(argv))
+        if args.data is None and not (args.sample or args.eval_only):  # (the demo's arms read the demo corpus)
+            raise RunError("--data is required with --model; pass a text file, a directory or a .jsonl")
         return run(args)
-    except ConfigError as e:
-        print(f"error: {flag_names(str(e))}", file=sys.stderr)
-        return 2
-    except (RunError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (RunError, DataError, CheckpointError, ConfigError) as e:
+        print(f"error: {flag_names(str(e)) if isinstance(e, ConfigError) else e}", file=sys.stderr)
         return 2
     except OSError as e:  # the demo's file system errors (run() words its own)
         print(f"error: {e}; fix that, then run again (--resume continues)", file=sys.stderr)
