@@ -5,7 +5,8 @@
   2. the Ouroboros training step at depth 1, 4, 8, and one recurrence step against one plain decoder layer;
   3. activation memory of a training step at depth 1..16, with and without checkpoint_steps;
   4. loading a Qwen2.5-0.5B-shaped checkpoint into Ouroboros (SVD bases included) against from_pretrained;
-  5. model FLOP utilisation of the training step against this machine's measured matmul rate.
+  5. model FLOP utilisation of the training step against this machine's measured matmul rate;
+  6. tokenising a generated 50M-token corpus into the token cache: speed, peak memory, and a second run.
 `python bench.py --device cuda` instead trains at Qwen2.5-3B shapes on a GPU (the paper's setting).
 
 Timings are medians of repeats after a warm-up, and ours and the alternative take turns within each repeat,
@@ -25,12 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+import data
 from controller import Ouroboros, OuroborosConfig, paper_split
 from load_qwen import load_config, load_model, load_ouroboros, save_model
 from model import PROJECTIONS, Qwen2, Qwen2Config
@@ -361,6 +365,76 @@ def loading(path: Path, warmup_path: Path, repeats: int) -> list[dict]:
                 increase["transformers"], "MiB", rss_ratio, "ours / kept bytes", "<= 1.3", rss_ratio <= 1.3)]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Tokenising a corpus into the token cache (data.py), against the way it was done before: every document read
+# into memory, ids collected in a Python list, then one array.
+
+def generated_corpus(path: Path, tokens: int) -> Path:
+    """A .jsonl of documents of random words (a Zipf-like draw from 30k made-up words), about `tokens` tokens
+    for a 4096-token BPE trained on its first 2 MB, and that BPE as tokenizer.json."""
+    rng = np.random.default_rng(0)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    words = ["".join(rng.choice(letters, rng.integers(2, 9))) for _ in range(30_000)]
+    p = 1 / np.arange(1, len(words) + 1) ** 1.1
+    p /= p.sum()
+    path.mkdir(parents=True, exist_ok=True)
+    sample, written = [], 0
+    with open(path / "corpus.jsonl", "w") as f:
+        while written < tokens * 3.4:  # ~3.4 characters per token for this text and tokenizer, measured
+            text = " ".join(words[i] for i in rng.choice(len(words), 600, p=p))
+            f.write(json.dumps({"text": text}) + "\n")
+            written += len(text)
+            if written < 2e6:
+                sample.append(text)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(sample, trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"],
+                                                        show_progress=False))
+    tok.save(str(path / "tokenizer.json"))
+    return path
+
+
+def tokenise_child(corpus: str, cache: str, which: str) -> None:
+    """In a fresh process: the corpus into train / dev / test uint32 streams; seconds, tokens, peak RSS."""
+    tok = Tokenizer.from_file(str(Path(corpus) / "tokenizer.json"))
+    calls = []
+    tokenize = data.tokenize
+    data.tokenize = lambda *a: calls.append(1) or tokenize(*a)
+    t = time.perf_counter()
+    if which == "ours":
+        streams = data.token_streams(Path(corpus) / "corpus.jsonl", tok, 0.01, 0.01, Path(cache))
+        n = sum(len(s) for s in streams.values())
+        max(int(s.max()) for s in streams.values())  # read every token back, as a run's checks do
+    else:  # the previous pipeline: all documents in memory, ids in a Python list of ints
+        texts = [d.text for d in data.read_documents(Path(corpus) / "corpus.jsonl")]
+        eos, ids = data.eos_token_id(tok), []
+        for i in range(0, len(texts), 256):
+            for enc in tok.encode_batch(texts[i:i + 256]):
+                ids.extend(enc.ids)
+                ids.append(eos)
+        n = len(np.asarray(ids, dtype=np.uint32))
+        calls.append(1)
+    print(json.dumps(dict(seconds=time.perf_counter() - t, tokens=n, peak=peak_rss_bytes(), tokenised=bool(calls))))
+
+
+def tokenising(work: Path, tokens: int = 50_000_000) -> list[dict]:
+    corpus = generated_corpus(work / "corpus", tokens)
+    mb = (corpus / "corpus.jsonl").stat().st_size / 1e6
+    ours = in_subprocess(f"tokenise_child({str(corpus)!r}, {str(work / 'cache')!r}, 'ours')")
+    again = in_subprocess(f"tokenise_child({str(corpus)!r}, {str(work / 'cache')!r}, 'ours')")
+    old = in_subprocess(f"tokenise_child({str(corpus)!r}, {str(work / 'cache')!r}, 'list')")
+    array_gb = 4 * ours["tokens"] / 1e9
+    above = {k: (r["peak"] / 1e9 - array_gb) for k, r in (("ours", ours), ("old", old))}
+    name = f"tokenise a generated {ours['tokens'] / 1e6:.1f}M-token .jsonl ({mb:.0f} MB) into uint32 streams"
+    return [row(name + " (alt: ids in a Python list)", ours["tokens"] / ours["seconds"],
+                old["tokens"] / old["seconds"], "tok/s", ours["seconds"] / old["seconds"], "ours/old time"),
+            row(f"  peak RSS above the finished array ({array_gb:.2f} GB)", above["ours"], above["old"], "GB",
+                above["ours"], "GB above array", "<= 0.5", above["ours"] <= 0.5),
+            row("  second run, same data: seconds to the streams (alt: first run)", again["seconds"], ours["seconds"],
+                "s", again["seconds"] / ours["seconds"], "tokenised again?" if again["tokenised"] else "no tokenising",
+                "no tokenising", not again["tokenised"])]
+
+
 def cpu_suite(args) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-") as work:
@@ -385,6 +459,8 @@ def cpu_suite(args) -> list[dict]:
         rows += training_memory(small)
         progress("loading, fresh processes")
         rows += loading(qwen05, write_random_checkpoint(TINY, work / "tiny"), repeats=2)
+        progress("tokenising a generated corpus, fresh processes")
+        rows += tokenising(work)
     return rows
 
 

@@ -230,8 +230,11 @@ def compare(runs: list[Path], out: Path | None = None) -> list[dict]:
     rows = tables[0][:2] + [r for table in tables for r in table[2:]]
     if out is None:
         print(comparison_table(rows))
-    else:
-        write_results(out, rows, {k: rows[0][k] for k in scored})
+        return rows
+    if (out / "config.json").is_file():
+        raise RunError(f"--out {out} holds a run, whose results.json this would replace; pass another directory")
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out, rows, {k: rows[0][k] for k in scored})
     return rows
 
 

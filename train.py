@@ -284,10 +284,10 @@ def ouroboros_config(args, n_layers: int) -> OuroborosConfig:
     return cfg
 
 
-def prepare_arm(args, device):
+def prepare_arm(args, device, cfg: OuroborosConfig | None = None):
     """Validates the run and loads the model. Nothing is written."""
     qcfg = load_config(args.model)
-    cfg = ouroboros_config(args, qcfg.num_hidden_layers)
+    cfg = cfg or ouroboros_config(args, qcfg.num_hidden_layers)
     torch.manual_seed(args.seed)
     return qcfg, load_ouroboros(args.model, cfg, BASE_DTYPE[args.precision], device)
 
@@ -296,10 +296,11 @@ def run(args) -> int:
     check_flags(args)
     device = pick_device(args.device)
     args.precision = resolve_precision(args.precision, device)
-    out = check_out_dir(args)
     if args.sample or args.eval_only:
-        return use_finished_run(args, out, device)
-    qcfg, model = prepare_arm(args, device)
+        return use_finished_run(args, check_out_dir(args), device)
+    cfg = ouroboros_config(args, load_config(args.model).num_hidden_layers)  # a bad flag is told before a bad --out
+    out = check_out_dir(args)
+    qcfg, model = prepare_arm(args, device, cfg)
     checkpoint = check_resume(out, args, model.trainable_parameters()) if args.resume else None
     # Tokenised (or read from the cache) before the processes start: one at a time, so none waits in a collective.
     splits = data_splits(args.data, load_tokenizer(args.model), qcfg.vocab_size, args.seq_len, args.seed,
@@ -314,8 +315,7 @@ def run(args) -> int:
             print(f"{arm_name(args)}: {count(model.trainable_parameters().values()):,} trainable parameters, layers "
                   f"{model.prelude} + [{model.recurrent}] x depth + {model.coda}; {splits['train'].n:,} training "
                   f"windows of {args.seq_len} tokens")
-        model.train()
-        train(lambda x, depth: model(x, depth), model, splits["train"], splits["dev"], args, out, device,
+        train(lambda x, depth: model(x, depth), model.train(), splits["train"], splits["dev"], args, out, device,
               checkpoint, True, world, rank)
         rows = table_rows(model, splits["test"], args, device)
         if rank == 0:
@@ -417,7 +417,6 @@ def demo(args) -> int:
         run(argparse.Namespace(**{**vars(args), "model": str(base), "controller": arm.name, "out": str(arm),
                                   "resume": args.resume and (arm / CHECKPOINT).is_file(),
                                   "overwrite": args.resume or args.overwrite}))
-    out.mkdir(parents=True, exist_ok=True)
     compare(arms, out)
     print(f"demo finished in {fmt_time(time.time() - t0)}")
     return 0
@@ -429,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.compare:
-            return compare([Path(run) for run in args.compare], Path(args.out) if args.out else None) and 0
+            compare([Path(run) for run in args.compare], Path(args.out) if args.out else None)
+            return 0
         if args.model is None and not (args.sample or args.eval_only):
             parser.set_defaults(**DEMO_ARM)
             return demo(parser.parse_args(argv))

@@ -7,12 +7,14 @@ code 2), so a 2-process run that exits 0 had bit-identical parameters on both ra
 processes' shares of the batch is shown by comparing rank 0's checkpoint with a 1-process run of the same
 global batch (2 processes x --grad-accum 1 = 1 process x --grad-accum 2): equal up to float summation order."""
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -50,10 +52,28 @@ def start(*args):
     return proc
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes below pid, from /proc (empty where there is none)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def kill(proc):
-    """SIGKILLs whatever is left of torchrun's process group (workers too, should torchrun have died first)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left
-        os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILLs torchrun if it is still running, and its workers: they are not in its process group (torchrun
+    starts each in a session of its own) and would outlive it."""
+    if proc.poll() is None:
+        for pid in [*descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     proc.wait()
 
 
@@ -118,6 +138,10 @@ def test_two_processes_match_one_with_the_same_global_batch(world, two_proc, tmp
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (k, (a[k] - b[k]).abs().max())
     assert [r["loss"] for r in metrics(out)] == pytest.approx([r["loss"] for r in metrics(one)], rel=1e-5)
+    # The table's evaluations were shared out between the processes, each scoring its windows: the same means.
+    rows, one_rows = (json.loads((d / "results.json").read_text()) for d in (out, one))
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in one_rows], rel=1e-5)
+    assert [r["windows"] for r in rows] == [r["windows"] for r in one_rows]
 
 
 def test_ctrl_c_and_resume_under_torchrun(world, two_proc, tmp_path):

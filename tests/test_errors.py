@@ -400,6 +400,34 @@ def test_a_bad_flag_is_reported_before_an_existing_out(world, existing, capsys):
     refused(flags(world, existing, "--warmup", "9"), capsys, existing, "--warmup 9")
 
 
+def test_a_bad_split_or_depth_is_reported_before_an_existing_out(world, existing, capsys):
+    refused(flags(world, existing, "--depth", "99"), capsys, existing, "depth 99 is outside")
+    refused(flags(world, existing, "--recurrent-layer", "0"), capsys, existing, "--recurrent-layer 0")
+
+
+def test_resume_or_eval_only_against_a_replaced_model_directory(world, existing, tmp_path, capsys):
+    """The run record holds a fingerprint of the base checkpoint (config.json and tensor headers)."""
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    shutil.copytree(existing, run)
+    make_checkpoint(ckpt, tiny_config(num_hidden_layers=6, intermediate_size=80), seed=1,
+                    tokenizer=train.load_tokenizer(world[0]))
+    config = json.loads((run / "config.json").read_text())
+    config["model"] = str(ckpt)  # as if the model directory had been replaced by another model
+    (run / "config.json").write_text(json.dumps(config))
+    refused(flags((ckpt, world[1]), run, "--resume"), capsys, run, "is not the one", "was trained on")
+    refused(["--out", str(run), "--eval-only", "--device", "cpu"], capsys, run, "is not the one")
+
+
+def test_optimizer_state_of_another_parameter_is_refused(world, existing, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(existing, run)
+    with safe_open(str(run / train.CHECKPOINT), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["opt.exp_avg.gate.weight_old"] = tensors.pop("opt.exp_avg.gate.weight")
+    save_file(tensors, str(run / train.CHECKPOINT), metadata=meta)
+    refused(flags(world, run, "--resume"), capsys, run, "optimizer state for gate.weight_old", "not this run's")
+
+
 def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])

@@ -509,6 +509,22 @@ def finished(world, tmp_path_factory):
     return out
 
 
+def test_compare_puts_runs_in_one_table(world, finished, reference, tmp_path, capsys):
+    capsys.readouterr()
+    assert train.main(["--compare", str(reference), str(finished), "--out", str(tmp_path / "both")]) == 0
+    rows = json.loads((tmp_path / "both" / "results.json").read_text())
+    own = [json.loads((d / "results.json").read_text()) for d in (reference, finished)]
+    assert rows == own[0][:2] + own[0][2:] + own[1][2:]  # the full and cut rows once, then each run's
+    assert "gap recovered = (cut - loss) / (cut - full)" in capsys.readouterr().out
+    other = tmp_path / "other"  # scored on other windows: refused
+    assert train.main(flags(world, other, "--eval-windows", "2", base=with_flag(FLAGS, "--steps", "1"))) == 0
+    assert train.main(["--compare", str(reference), str(other)]) == 2
+    assert "not scored on the same test windows" in capsys.readouterr().err
+    before = (finished / "results.json").read_bytes()
+    assert train.main(["--compare", str(reference), "--out", str(finished)]) == 2  # never over a run's own table
+    assert (finished / "results.json").read_bytes() == before
+
+
 def test_sample_prints_text(finished, capsys):
     capsys.readouterr()
     assert train.main(["--out", str(finished), "--sample", "the quick", "--max-new-tokens", "8",
