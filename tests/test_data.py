@@ -127,16 +127,23 @@ def test_refused_streams_leave_no_file(tmp_path, tok):
 
 def test_concurrent_processes_tokenise_once(tmp_path, tok):
     """Processes started together (as torchrun starts them) wait for one another on a file lock, outside any
-    collective; one tokenises, the others read its cache."""
+    collective; one tokenises, the others read its cache. The processes are released at the same moment."""
     import subprocess
     import sys
-    src, cache = corpus(tmp_path / "c", n=400), tmp_path / "cache"
+    import time
+    src, cache, go = corpus(tmp_path / "c", n=3000), tmp_path / "cache", tmp_path / "go"
     tok.save(str(tmp_path / "tok.json"))
-    script = (f"import sys; sys.path.insert(0, {str(tiny.ROOT)!r}); import data; from tokenizers import Tokenizer; "
-              f"s = data.token_streams({str(src)!r}, Tokenizer.from_file({str(tmp_path / 'tok.json')!r}), 0.2, 0.2, "
-              f"data.Path({str(cache)!r})); print(sum(len(v) for v in s.values()))")
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(3)]
+    script = (f"import os, sys, time; sys.path.insert(0, {str(tiny.ROOT)!r}); import data; "
+              f"from tokenizers import Tokenizer; t = Tokenizer.from_file({str(tmp_path / 'tok.json')!r}); "
+              f"open(sys.argv[1], 'w').close()\nwhile not os.path.exists({str(go)!r}): time.sleep(0.005)\n"
+              f"s = data.token_streams({str(src)!r}, t, 0.2, 0.2, data.Path({str(cache)!r})); "
+              f"print(sum(len(v) for v in s.values()))")
+    ready = [tmp_path / f"ready{i}" for i in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in ready]
+    while not all(r.exists() for r in ready) and all(p.poll() is None for p in procs):
+        time.sleep(0.01)
+    go.touch()
     outs = [p.communicate(timeout=1200) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert len({o for o, _ in outs}) == 1
