@@ -32,12 +32,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import data
 from controller import Ouroboros, OuroborosConfig, paper_split
 from load_qwen import load_config, load_model, load_ouroboros, save_model
 from model import PROJECTIONS, Qwen2, Qwen2Config
+from runs import count_flops
 
 ROOT = Path(__file__).resolve().parent
 SEQ = 256  # tokens per sequence on CPU, batch 1
@@ -97,22 +97,6 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5, device="cpu", dtype=torc
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     seconds = median_seconds({"mm": lambda: a @ b}, repeats, warmup=2, sync=sync)["mm"]
     return 2 * n ** 3 / seconds
-
-
-# torch's FLOP counter knows the GPU attention kernels; count the CPU one the same way (unmasked, as torch does).
-CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
-}
-
-
-def count_flops(fn) -> int:
-    """Matmul and attention FLOPs that one call of fn executes, forward and backward."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ model: embed -> prelude -> N x (Controller, modulated layer, step norm, gate) ->
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import PROJECTIONS, KVCache, Qwen2, rms_norm, sampling_loop
+from model import PROJECTIONS, KVCache, Modulation, Qwen2, rms_norm, sampling_loop
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,10 @@ class OuroborosConfig:
     gate: bool = True  # False: h = h_new every step
     step_norm: bool = True  # False: no per-step RMSNorm
     pool: str = "causal"  # causal: position t sees 0..t | mean: whole sequence, the paper's, LEAKS the future
+    controller_input: str = "pooled"  # pooled | none: the Controller reads zeros, so c depends on the step only
+    lora_layers: str = "none"  # none | coda | recurrent | all: trainable LoRA adapters on these kept layers
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
     checkpoint_steps: bool = False  # recompute each step in backward, so memory does not grow with depth
 
     def split(self, n_layers: int) -> tuple[list[int], int, list[int], list[int]]:
@@ -55,8 +60,12 @@ class OuroborosConfig:
             raise ConfigError(f"controller must be dynamic, static or none, not {self.controller!r}")
         if self.pool not in ("causal", "mean"):
             raise ConfigError(f"pool must be causal or mean, not {self.pool!r}")
-        if self.rank < 1 or self.max_steps < 1:
-            raise ConfigError("rank and max_steps must be >= 1")
+        if self.controller_input not in ("pooled", "none"):
+            raise ConfigError(f"controller_input must be pooled or none, not {self.controller_input!r}")
+        if self.lora_layers not in ("none", "coda", "recurrent", "all"):
+            raise ConfigError(f"lora_layers must be none, coda, recurrent or all, not {self.lora_layers!r}")
+        if self.rank < 1 or self.max_steps < 1 or self.lora_rank < 1:
+            raise ConfigError("rank, lora_rank and max_steps must be >= 1")
         prelude, coda = list(range(p)), list(range(n_layers - c, n_layers))
         removed = [i for i in range(p, n_layers - c) if i != rec]
         return prelude, rec, coda, removed
@@ -132,6 +141,45 @@ class StaticModulation(nn.Module):
         return self.c[step]  # (7, r), broadcast over batch and positions
 
 
+class Adapters(nn.Module):
+    """LoRA healing: a trainable low-rank delta (alpha/r) B A on every projection of some kept layers, with the
+    usual initialisation (A random, B = 0), so at the start the model is exactly the one without adapters. The
+    delta goes through model.project like the Controller's, and is the same at every recurrent step."""
+
+    def __init__(self, base: Qwen2, layers: list[int], rank: int, alpha: float):
+        super().__init__()
+        self.scale = alpha / rank
+        self.layers = nn.ModuleDict()
+        for i in layers:
+            weights = nn.ParameterDict()
+            for k, name in PROJECTIONS.items():
+                out_dim, in_dim = base.get_parameter(f"model.layers.{i}.{name}.weight").shape
+                A = torch.empty(rank, in_dim)
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear's initialisation, as LoRA's authors use
+                weights[f"{k}_A"], weights[f"{k}_B"] = nn.Parameter(A), nn.Parameter(torch.zeros(out_dim, rank))
+            self.layers[str(i)] = weights
+
+    def modulation(self, i: int) -> Modulation | None:
+        if str(i) not in self.layers:
+            return None
+        w = self.layers[str(i)]
+        return {k: (w[f"{k}_A"], w[f"{k}_B"], self.scale) for k in PROJECTIONS}
+
+
+def combined(mod: Modulation | None, extra: Modulation | None) -> Modulation | None:
+    """Two low-rank terms on one projection as one: B1 ((A1 x) * c1) + B2 ((A2 x) * c2)
+    = [B1 B2] (([A1 ; A2] x) * [c1 ; c2]), so project() still adds a single term."""
+    if mod is None or extra is None:
+        return mod or extra
+    out = dict(mod)
+    for k, (A2, B2, c2) in extra.items():
+        A1, B1, c1 = out[k]
+        c1 = torch.as_tensor(c1, device=A1.device)
+        c2 = torch.full((*c1.shape[:-1], A2.shape[0]), c2, dtype=c1.dtype, device=c1.device)
+        out[k] = (torch.cat((A1, A2.to(A1.dtype))), torch.cat((B1, B2.to(B1.dtype)), dim=1), torch.cat((c1, c2), -1))
+    return out
+
+
 class RecurrentCache:
     """Generation state: KV caches of the prelude and coda layers, one KV cache per recurrent step (each
     step sees different keys), and per step the running sum of the hidden state for the causal pool."""
@@ -167,6 +215,9 @@ class Ouroboros(nn.Module):
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, cfg.gate_bias)
         self.step_norm = nn.Parameter(torch.ones(cfg.max_steps, d)) if cfg.step_norm else None
+        adapted = {"none": [], "coda": self.coda, "recurrent": [self.recurrent],
+                   "all": self.prelude + [self.recurrent] + self.coda}[cfg.lora_layers]
+        self.adapters = Adapters(base, adapted, cfg.lora_rank, cfg.lora_alpha) if adapted else None
 
     def check_steps(self, n_steps: int):
         if not 1 <= n_steps <= self.cfg.max_steps:
@@ -193,12 +244,14 @@ class Ouroboros(nn.Module):
     def modulation(self, h: torch.Tensor, s: int, cache: RecurrentCache | None):
         if self.controller is None:
             return None
-        c = self.controller(self.pool(h, s, cache), s) * (self.cfg.alpha / self.cfg.rank)  # (..., 7, r)
+        # The input-blind control reads zeros instead of the pooled state: the same Controller, c from s alone.
+        p = self.pool(h, s, cache) if self.cfg.controller_input == "pooled" else h.new_zeros(1, 1, h.shape[-1])
+        c = self.controller(p, s) * (self.cfg.alpha / self.cfg.rank)  # (..., 7, r)
         return {k: (getattr(self, f"lora_A_{k}"), getattr(self, f"lora_B_{k}"), c[..., j, :])
                 for j, k in enumerate(PROJECTIONS)}
 
     def step(self, h, s: int, cos, sin, cache: RecurrentCache | None = None):
-        mod = self.modulation(h, s, cache)  # c = Controller(h, s)
+        mod = combined(self.modulation(h, s, cache), self.adapted(self.recurrent))  # c = Controller(h, s)
         h_new = self.base.layer(self.recurrent)(h, cos, sin, mod, cache.steps[s] if cache else None)
         if self.step_norm is not None:
             h_new = rms_norm(h_new, self.step_norm[s], self.base.cfg.rms_norm_eps)  # h_new = norm_s(h_new)
@@ -207,25 +260,49 @@ class Ouroboros(nn.Module):
         g = torch.sigmoid(self.gate(torch.cat((h_new, h), dim=-1)))  # g = sigmoid(W_g [h_new ; h_old] + b_g)
         return h + g * (h_new - h)  # h = g * h_new + (1 - g) * h_old
 
+    def adapted(self, i: int) -> Modulation | None:
+        return self.adapters.modulation(i) if self.adapters is not None else None
+
     def forward(self, input_ids: torch.Tensor, n_steps: int, cache: RecurrentCache | None = None) -> torch.Tensor:
         # input_ids (B, T) -> logits (B, T, vocab), looping the recurrent layer n_steps times.
-        self.check_steps(n_steps)
+        return self.logits_at(input_ids, [n_steps], cache)[n_steps]
+
+    def logits_at(self, input_ids: torch.Tensor, depths: list[int], cache: RecurrentCache | None = None):
+        """{depth: logits} for several depths in one pass: the state after step s does not depend on how many
+        steps follow, so the coda and the head run after each requested step."""
+        for d in depths:
+            self.check_steps(d)
+        if cache is not None and len(set(depths)) > 1:
+            raise ConfigError("generation runs at one depth; pass a single depth with a cache")
         layer = self.base.layer
         cos, sin = self.base.rope(cache.length if cache else 0, input_ids.shape[1], input_ids.device)
-        with torch.no_grad():  # the prelude is frozen and its input needs no gradient
+        # The prelude is frozen and its input needs no gradient, unless it carries adapters.
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.lora_layers == "all"):
             h = self.base.model.embed_tokens(input_ids)
             for i in self.prelude:
-                h = layer(i)(h, cos, sin, cache=cache.layers[i] if cache else None)
-        for s in range(n_steps):
+                h = layer(i)(h, cos, sin, self.adapted(i), cache.layers[i] if cache else None)
+        logits = {}
+        for s in range(max(depths)):
             if self.cfg.checkpoint_steps and torch.is_grad_enabled() and cache is None:
                 h = checkpoint(self.step, h, s, cos, sin, use_reentrant=False)
             else:
                 h = self.step(h, s, cos, sin, cache)
-        for i in self.coda:
-            h = layer(i)(h, cos, sin, cache=cache.layers[i] if cache else None)
+            if s + 1 in depths:
+                out = h
+                for i in self.coda:
+                    out = layer(i)(out, cos, sin, self.adapted(i), cache.layers[i] if cache else None)
+                logits[s + 1] = self.base.head(out)
         if cache is not None:
             cache.length += input_ids.shape[1]
-        return self.base.head(h)
+        return logits
+
+    def parameters_used(self, depth: int) -> int:
+        """Trainable parameters that a forward of `depth` steps reads: the rows of the step norms, the step
+        embedding and the static c beyond `depth` are allocated but never used."""
+        total = sum(p.numel() for p in self.trainable_parameters().values())
+        per_step = [t for t in (self.step_norm, getattr(self.controller, "c", None),
+                                getattr(getattr(self.controller, "step_embed", None), "weight", None)) if t is not None]
+        return total - sum(t[depth:].numel() for t in per_step)
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}

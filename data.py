@@ -285,13 +285,16 @@ class Windows:
         return dict(windows=len(scored), tokens=len(scored) * self.seq_len, documents=self.documents_in(scored),
                     split_windows=self.n, split_documents=int(np.count_nonzero(self.tokens == self.eos_id)))
 
+    def target_documents(self, indices) -> torch.Tensor:
+        """(len(indices), seq_len): the document of each target token of the given windows."""
+        if not hasattr(self, "_doc"):
+            self._doc = np.concatenate(([0], np.cumsum(self.tokens == self.eos_id)))  # token i: document _doc[i]
+        return torch.from_numpy(np.stack([self._doc[j * self.seq_len + 1: j * self.seq_len + self.seq_len + 1]
+                                          for j in indices]))
+
     def documents_in(self, indices) -> int:
         """How many documents the given windows score a token of (each document ends with end-of-text)."""
-        doc = np.concatenate(([0], np.cumsum(self.tokens == self.eos_id)))  # token i is in document doc[i]
-        seen = set()
-        for j in indices:  # window j's targets are tokens j*T + 1 .. j*T + T
-            seen.update(range(int(doc[j * self.seq_len + 1]), int(doc[j * self.seq_len + self.seq_len]) + 1))
-        return len(seen)
+        return len(torch.unique(self.target_documents(indices))) if len(indices) else 0
 
 
 def windows_for(streams: dict[str, np.ndarray], seq_len: int, seed: int, vocab_size: int,

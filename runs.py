@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from load_qwen import atomic_write, fingerprint
 
@@ -30,7 +31,8 @@ CHECKPOINT = "checkpoint.safetensors"
 # Flags that may differ on --resume: they change nothing that is trained, at most the rounding (device,
 # precision); "out": a run directory may be moved; "token_cache": the cache is keyed by content.
 RESUME_FREE = {"resume", "overwrite", "out", "log_every", "save_every", "eval_every", "device", "precision",
-               "stop_after", "sample", "eval_only", "max_new_tokens", "temperature", "top_k", "token_cache"}
+               "stop_after", "sample", "eval_only", "max_new_tokens", "temperature", "top_k", "token_cache",
+               "score_depths", "eval_pool", "compare"}
 
 
 class RunError(Exception):
@@ -203,14 +205,18 @@ def comparison_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(out: Path, rows: list[dict], scored: dict) -> None:
+def write_results(out: Path, rows: list[dict], scored: dict, name: str = "results.json") -> None:
     """The comparison table: printed, and written to results.json with what was scored (`scored`: the split's
     windows and documents, and how many of them and how many tokens every row was scored on)."""
     full, cut = rows[0]["loss"], rows[1]["loss"]
     for r in rows:
         r.update(scored, split="test", gap_recovered=(cut - r["loss"]) / (cut - full) if cut != full else float("nan"))
     print(f"\nnext-token loss on the test split, {out}:\n{comparison_table(rows)}")
-    atomic_write(out / "results.json", lambda f: f.write_text(json.dumps(rows, indent=2)))
+    # Each row's loss per test document (null: not scored), for statistics paired by document, in a file of its own.
+    documents = {r["name"]: r.pop("per_document") for r in rows if "per_document" in r}
+    if documents:
+        atomic_write(out / name.replace("results", "documents"), lambda f: f.write_text(json.dumps(documents)))
+    atomic_write(out / name, lambda f: f.write_text(json.dumps(rows, indent=2)))
 
 
 def compare(runs: list[Path], out: Path | None = None) -> list[dict]:
@@ -342,7 +348,7 @@ def fmt_time(seconds: float) -> str:
 
 def flag_names(message: str) -> str:
     """ConfigError speaks of OuroborosConfig's fields; on the command line they are flags (rank -> --rank)."""
-    fields = r"\b(n_prelude|recurrent_layer|n_coda|max_steps|rank|alpha|pool)\b"
+    fields = r"\b(n_prelude|recurrent_layer|n_coda|max_steps|rank|alpha|pool|lora_rank|lora_layers|controller_input)\b"
     return re.sub(fields, lambda m: "--" + m.group(1).replace("_", "-"), message).replace("--pool='mean'", "--pool mean")
 
 
@@ -470,6 +476,28 @@ def autocast(device: torch.device, precision: str):
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# torch's FLOP counter knows the GPU attention kernels; count the CPU one the same way (unmasked, as torch does).
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
+}
+
+
+def count_flops(fn) -> int:
+    """Matmul and attention FLOPs that one call of fn executes, forward and backward."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(x)
+    return x
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:

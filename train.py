@@ -12,9 +12,8 @@ safe (checkpoints, signals, agreement between processes): runs.py.
 from __future__ import annotations
 
 import argparse
-import hashlib
+import dataclasses
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from controller import ConfigError, Ouroboros, OuroborosConfig, paper_split
-from data import DataError, Windows, demo_tokenizer, source_digest, token_cache, token_streams
+from data import DataError, Windows, token_cache
 from data import splits as data_splits
-from load_qwen import CheckpointError, load_config, load_model, load_ouroboros, load_tokenizer, save_model
-from model import Qwen2, Qwen2Config
-from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals, agree, all_mean, autocast, check_flags,
+from demo import DEMO_ARM, demo_base
+from load_qwen import CheckpointError, load_config, load_model, load_ouroboros, load_tokenizer
+from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals, agree, all_mean, all_sum, autocast, check_flags,
                   check_out_dir, check_resume, check_same_model, clip_gradients, compare, flag_names, fmt_time, number,
                   init_distributed, log_line, pick_device, read_checkpoint, read_run_config, resolve_precision,
                   print_progress, restore, resume, skip_update, start_run, world_rank, write_results)
@@ -60,10 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     a("--n-prelude", type=int, help="frozen layers before the loop (default round(8L/36), 8 on Qwen2.5-3B)")
     a("--recurrent-layer", type=int, help="the looped layer (default L // 2, 18 on Qwen2.5-3B)")
     a("--n-coda", type=int, help="frozen layers after the loop (default round(8L/36))")
+    a("--controller-input", default="pooled", choices=["pooled", "none"],
+      help="none: the input-blind control, the same Controller reading zeros, so c depends on the step only")
+    a("--lora-layers", default="none", choices=["none", "coda", "recurrent", "all"], help="trainable LoRA adapters "
+      "(A random, B = 0) on these kept layers; with --controller none --no-gate --no-step-norm --depth 1: plain LoRA")
+    a("--lora-rank", type=int, default=8, help="the adapters' rank")
+    a("--lora-alpha", type=number, default=16.0, help="the adapters' delta is scaled by alpha / rank")
     a("--checkpoint-steps", action="store_true", help="recompute each recurrent step in backward (less memory)")
     training_flags(a)
     # using finished runs
     a("--eval-only", action="store_true", help="recompute the comparison table of the run in --out")
+    a("--eval-depths", dest="score_depths", help="depths the table scores, e.g. 1,2,4,8,16, in one pass (default: "
+      "--depths or --depth); with --eval-only, written to results-depths-*.json")
+    a("--eval-pool", choices=["causal", "mean"], help="with --eval-only: score with this pool instead of the "
+      "training one (a mean-pool run scored causally: what its future tokens were worth); results-pool-*.json")
     a("--compare", nargs="+", metavar="RUN", help="print one table of these finished runs (full and cut rows once)")
     a("--sample", metavar="PROMPT", help="generate text from PROMPT with the trained run in --out")
     a("--max-new-tokens", type=int, default=100, help="with --sample")
@@ -106,9 +115,9 @@ def inputs_and_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return windows[:, :-1], windows[:, 1:]
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # logits (B, T, V) at the input positions, targets (B, T) already shifted: mean cross-entropy in nats
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    # logits (B, T, V) at the input positions, targets (B, T) already shifted: cross-entropy in nats
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
 
 
 def get_lr(step: int, args) -> float:
@@ -213,22 +222,33 @@ def train(forward, model: torch.nn.Module, data: Windows, dev: Windows | None, a
 # Evaluation: the same windows, spread over the whole split, for every model; shared out between processes.
 
 @torch.no_grad()
-def evaluate(forward, split: Windows, args, device, what: str | None = None) -> float:
-    """Mean next-token loss over --eval-windows windows spread over the whole split; with `what`, a progress
-    line. Under torchrun each process scores its share of the windows, and the mean is taken over all."""
+def score(forward, split: Windows, args, device, what: str | None = None) -> dict:
+    """Next-token loss of each output of forward(x), a dict of logits (one per depth, say), over --eval-windows
+    windows spread over the whole split: {key: (mean loss, per-document mean losses)}. Under torchrun each process
+    scores its share of the windows and the sums are taken over all; with `what`, a progress line."""
     world, rank = world_rank()
     indices = split.spread(args.eval_windows)
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    n_docs = int(split.target_documents(indices[-1:]).max()) + 1
+    sums, count = {}, torch.zeros(n_docs, dtype=torch.float64, device=device)
     mine = list(range(rank * args.batch_size, len(indices), world * args.batch_size))
     for n, start in enumerate(mine):
         chunk = indices[start:start + args.batch_size]
-        x, y = inputs_and_targets(split.rows(chunk).to(device))
+        (x, y), doc = inputs_and_targets(split.rows(chunk).to(device)), split.target_documents(chunk).to(device).flatten()
         with autocast(device, args.precision):
-            total += next_token_loss(forward(x), y).double() * len(chunk)
+            for key, logits in forward(x).items():
+                loss = next_token_loss(logits, y, reduction="none").double()
+                sums.setdefault(key, torch.zeros_like(count)).index_add_(0, doc, loss)
+        count.index_add_(0, doc, torch.ones_like(doc, dtype=count.dtype))
         if what and rank == 0:
             print(f"\revaluating {what}: {n + 1}/{len(mine)} batches", end="\n" if n + 1 == len(mine) else "",
                   file=sys.stderr, flush=True)
-    return all_mean(total, world).item() * world / len(indices)
+    count = all_sum(count, world)
+    sums = {key: all_sum(s, world) for key, s in sums.items()}
+    return {key: ((s.sum() / count.sum()).item(), (s / count).tolist()) for key, s in sums.items()}
+
+
+def evaluate(forward, split: Windows, args, device, what: str | None = None) -> float:
+    return score(lambda x: {0: forward(x)}, split, args, device, what)[0][0]
 
 
 def arm_name(args) -> str:
@@ -242,24 +262,21 @@ def count(params) -> int:
     return sum(p.numel() for p in {id(p): p for p in params}.values())
 
 
-def table_rows(model: Ouroboros, test: Windows, args, device) -> list[dict]:
+def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None = None) -> list[dict]:
     """The comparison table's rows, all on the same test windows: the full model, the cut baseline, and the
-    trained arm at each evaluation depth."""
+    trained arm at each evaluation depth (all depths in one pass)."""
     full = load_model(args.model, BASE_DTYPE[args.precision], device)
     rows = [dict(name=f"full model ({len(full.layer_ids)} layers)", kept=count(full.parameters()), trainable=0),
             dict(name=f"cut baseline ({len(model.base.layer_ids)} layers)", kept=count(model.base.parameters()),
                  trainable=0)]
     for row, m in zip(rows, (full, model.base)):
-        row["loss"] = evaluate(m, test, args, device, row["name"])
+        row["loss"], row["per_document"] = score(lambda x: {0: m(x)}, test, args, device, row["name"])[0]
     del full
-    model.eval()
-    control = model.controller is None and model.gate is not None and model.step_norm is not None
-    for d in args.eval_depths:
-        name = f"{arm_name(args)}, depth {d}"
-        rows.append(dict(name=name, kept=count(model.base.parameters()), control=control,
-                         trainable=count(model.trainable_parameters().values()),
-                         loss=evaluate(lambda x: model(x, d), test, args, device, name)))
-    return rows
+    name, control = name or arm_name(args), model.controller is None and model.gate is not None and model.step_norm is not None
+    scores = score(lambda x: model.eval().logits_at(x, args.eval_depths), test, args, device, name)
+    return rows + [dict(name=f"{name}, depth {d}", kept=count(model.base.parameters()), control=control,
+                        trainable=count(model.trainable_parameters().values()), trainable_used=model.parameters_used(d),
+                        loss=scores[d][0], per_document=scores[d][1]) for d in args.eval_depths]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -272,12 +289,11 @@ BASE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def ouroboros_config(args, n_layers: int) -> OuroborosConfig:
     for flag, default in zip(("n_prelude", "recurrent_layer", "n_coda"), paper_split(n_layers)):
         setattr(args, flag, default if getattr(args, flag) is None else getattr(args, flag))
-    cfg = OuroborosConfig(n_prelude=args.n_prelude, recurrent_layer=args.recurrent_layer, n_coda=args.n_coda,
-                          rank=args.rank, alpha=args.alpha, max_steps=args.max_steps, controller=args.controller,
-                          gate=not args.no_gate, step_norm=not args.no_step_norm, pool=args.pool,
-                          checkpoint_steps=args.checkpoint_steps)
+    fields = {f.name for f in dataclasses.fields(OuroborosConfig)}  # the flags named as the config's fields
+    cfg = OuroborosConfig(**{k: v for k, v in vars(args).items() if k in fields}, gate=not args.no_gate,
+                          step_norm=not args.no_step_norm)
     cfg.split(n_layers)
-    args.eval_depths = parse_depths(args.depths) if args.depths else [args.depth]
+    args.eval_depths = parse_depths(args.score_depths or args.depths or str(args.depth))
     for d in args.eval_depths:
         if not 1 <= d <= args.max_steps:
             raise ConfigError(f"depth {d} is outside 1..{args.max_steps} (--max-steps); choose a depth in that range")
@@ -335,6 +351,12 @@ def use_finished_run(args, out: Path, device) -> int:
     saved = argparse.Namespace(**{**vars(build_parser().parse_args([])), **read_run_config(out)})  # new flags: defaults
     saved.device, saved.precision, saved.token_cache = args.device, args.precision, args.token_cache
     check_same_model(out, vars(saved), saved.model)
+    name, tag = arm_name(saved), "results"  # scored as trained, or with another pool or other depths
+    for flag, value in (("pool", args.eval_pool), ("score_depths", args.score_depths)):
+        if value is not None and args.eval_only:
+            setattr(saved, flag, value)
+            tag += f"-{flag.split('_')[-1]}-{value.replace(',', '-')}"
+    name += f" (scored with the {saved.pool} pool)" if saved.pool != read_run_config(out)["pool"] else ""
     qcfg, model = prepare_arm(saved, device)
     restore(read_checkpoint(out), out, model.trainable_parameters())
     tokenizer = load_tokenizer(saved.model)
@@ -349,49 +371,13 @@ def use_finished_run(args, out: Path, device) -> int:
         return 0
     test = data_splits(saved.data, tokenizer, qcfg.vocab_size, saved.seq_len, saved.seed, saved.dev_fraction,
                        saved.test_fraction, token_cache(saved.token_cache))["test"]
-    write_results(out, table_rows(model, test, saved, device), test.coverage(saved.eval_windows))
+    write_results(out, table_rows(model, test, saved, device, name), test.coverage(saved.eval_windows), f"{tag}.json")
     return 0
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The demo (`python train.py`): no checkpoint and no GPU needed. A small Qwen2 is pretrained from scratch on
-# the standard library's source, then the method is applied to it like to any downloaded checkpoint.
-
-DEMO_BASE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
-                 num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32")
-DEMO_VOCAB = 4096
-# The base's recipe is fixed (only --pretrain-steps and --precision change it, and each base is cached under
-# its own key): --seed, --lr, --batch-size etc. vary only the Ouroboros arms trained on it.
-DEMO_PRETRAIN = dict(seq_len=256, batch_size=4, grad_accum=1, lr=2e-3, warmup=20, min_lr_ratio=0.1,
-                     weight_decay=0.1, clip=1.0, seed=0)
-# Flag defaults for the demo's arms, sized for a 2-core CPU; every flag can still override them.
-DEMO_ARM = dict(seq_len=256, batch_size=16, grad_accum=1, steps=80, warmup=5, lr=3e-4, depth=4,
-                dev_fraction=0.05, test_fraction=0.1, eval_windows=128, eval_every=0, log_every=25, save_every=50)
-
-
-def pretrain_base(args, tokenizer, data: Windows, base_dir: Path, device) -> Path:
-    """Pretrains the demo's base Qwen2 (all weights trainable, same loop) and saves it in HF layout."""
-    model_dir = base_dir / "model"
-    if (model_dir / "config.json").is_file():
-        return model_dir
-    # A --pretrain-steps shorter than the recipe's warmup (the tests' few steps) warms up over all of them.
-    pargs = argparse.Namespace(**{**vars(args), **DEMO_PRETRAIN, "steps": args.pretrain_steps, "eval_every": 0,
-                                  "stop_after": None, "warmup": min(DEMO_PRETRAIN["warmup"], args.pretrain_steps)})
-    if data.n < 1:
-        raise RunError(f"the training split has {len(data.tokens)} tokens, too few to pretrain the demo base on "
-                       f"windows of {pargs.seq_len}; pass --data with more text")
-    cfg = Qwen2Config(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=pargs.seq_len, **DEMO_BASE)
-    torch.manual_seed(pargs.seed)
-    model = Qwen2(cfg).to(device).train()
-    (run_dir := base_dir / "pretrain").mkdir(parents=True, exist_ok=True)
-    print(f"pretraining the demo base: Qwen2 with {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
-          f"{count(model.parameters()):,} parameters, {pargs.steps} steps (cached for later runs)")
-    checkpoint = read_checkpoint(run_dir) if (run_dir / CHECKPOINT).is_file() else None
-    train(lambda x, depth: model(x), model, data, None, pargs, run_dir, device, checkpoint, looped=False)
-    save_model(model.eval(), base_dir / "model.tmp", tokenizer)
-    os.replace(base_dir / "model.tmp", model_dir)  # a directory: renamed whole once every file in it is written
-    return model_dir
-
+# The demo (`python train.py`): a small Qwen2 pretrained from scratch on the standard library's source (demo.py,
+# with this file's training loop), then two ordinary runs of the method on it, and one table of both.
 
 def demo(args) -> int:
     check_flags(args)
@@ -402,15 +388,8 @@ def demo(args) -> int:
                                                if not (Path("runs") / f"demo-{i}").exists())
     if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
         raise RunError(f"{out} already holds files; pass --resume to continue that run or --overwrite to replace it")
-    cache = token_cache(args.token_cache)
-    tokenizer = demo_tokenizer(args.data, DEMO_VOCAB, args.dev_fraction, args.test_fraction, cache.parent)
-    train_ids = token_streams(args.data, tokenizer, args.dev_fraction, args.test_fraction, cache)["train"]
-    # The base depends on the data, the recipe and the precision: any change pretrains (and caches) another.
-    recipe = f"{source_digest(args.data)}|{DEMO_BASE}|{DEMO_PRETRAIN}|{args.pretrain_steps}|{args.precision}"
-    base_dir = cache.parent / f"base-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}"
-    base = pretrain_base(args, tokenizer, Windows(train_ids, DEMO_PRETRAIN["seq_len"], 0), base_dir, device)
+    base = demo_base(args, token_cache(args.token_cache), device, train)
     print(f"base model ready in {base} ({fmt_time(time.time() - t0)} so far)")
-    # Two ordinary runs on the base, each in its own directory, then one table of both.
     arms = [out / controller for controller in ("none", "dynamic")]
     for arm in arms:
         # With --resume, an arm that never reached its first checkpoint starts again.

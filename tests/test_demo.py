@@ -10,6 +10,7 @@ import torch
 
 import tiny  # noqa: F401  (puts the project on sys.path)
 import data
+import demo
 import train
 from load_qwen import load_model, load_tokenizer
 
@@ -77,7 +78,7 @@ def test_second_run_reuses_the_cache(demo_run, monkeypatch):
 
 def test_base_recipe_keys_the_cache(demo_run, monkeypatch):
     root, _, argv = demo_run
-    monkeypatch.setitem(train.DEMO_PRETRAIN, "lr", train.DEMO_PRETRAIN["lr"] / 2)
+    monkeypatch.setitem(demo.DEMO_PRETRAIN, "lr", demo.DEMO_PRETRAIN["lr"] / 2)
     argv = [a if a != str(root / "run") else str(root / "run3") for a in argv]
     assert train.main(argv) == 0
     assert len(list((root / "cache" / "ouroboros").glob("base-*/model"))) == 2  # another recipe, another base

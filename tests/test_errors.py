@@ -193,7 +193,7 @@ def test_tokenizer_missing(world, tmp_path, capsys):
     (["--n-prelude", "-1"], ["--n-prelude (-1)", ">= 0"]),
     (["--n-coda", "-2"], ["--n-coda (-2)", ">= 0"]),
     (["--rank", "65"], ["--rank 65 is larger than projection", "--rank <= "]),
-    (["--rank", "0"], ["--rank and --max-steps must be >= 1"]),
+    (["--rank", "0"], ["--rank, --lora-rank and --max-steps must be >= 1"]),
     (["--depth", "0"], ["depth 0 is outside 1..8"]),
     (["--depth", "9"], ["depth 9 is outside 1..8"]),
     (["--depths", "2,9"], ["depth 9 is outside 1..8"]),

@@ -293,7 +293,9 @@ def poison(monkeypatch, bad_steps: set[int], what: str, grad_accum: int = 2) -> 
         seen["params"] = {n: p for n, p in model.named_parameters() if p.requires_grad}
         return real_train(forward, model, *args, **kwargs)
 
-    def loss(logits, targets):
+    def loss(logits, targets, reduction="mean"):
+        if reduction != "mean":  # an evaluation's per-token losses, not a training step's
+            return real_loss(logits, targets, reduction)
         step, micro = divmod(seen["calls"], grad_accum)
         seen["calls"] += 1
         out = real_loss(logits, targets)

@@ -1,0 +1,60 @@
+"""The offline demo's base model (`python train.py` with no arguments): no checkpoint, no GPU, no network.
+
+A byte-level BPE is trained on the training split of the standard library's source, and a small Qwen2 is
+pretrained from scratch on it, with train.py's own training loop (passed in, so that imports run one way),
+then saved in Hugging Face layout and cached. train.py then applies the method to it like to any downloaded
+checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+from data import Windows, demo_tokenizer, source_digest, token_streams
+from load_qwen import save_model
+from model import Qwen2, Qwen2Config
+from runs import CHECKPOINT, RunError, read_checkpoint
+
+DEMO_BASE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
+                 num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32")
+DEMO_VOCAB = 4096
+# The base's recipe is fixed (only --pretrain-steps and --precision change it, and each base is cached under
+# its own key): --seed, --lr, --batch-size etc. vary only the Ouroboros arms trained on it.
+DEMO_PRETRAIN = dict(seq_len=256, batch_size=4, grad_accum=1, lr=2e-3, warmup=20, min_lr_ratio=0.1,
+                     weight_decay=0.1, clip=1.0, seed=0)
+# Flag defaults for the demo's arms, sized for a 2-core CPU; every flag can still override them.
+DEMO_ARM = dict(seq_len=256, batch_size=16, grad_accum=1, steps=80, warmup=5, lr=3e-4, depth=4,
+                dev_fraction=0.05, test_fraction=0.1, eval_windows=128, eval_every=0, log_every=25, save_every=50)
+
+
+def demo_base(args, cache: Path, device, train) -> Path:
+    """The demo's base checkpoint directory: from the cache, or pretrained now with `train` (train.train)."""
+    tokenizer = demo_tokenizer(args.data, DEMO_VOCAB, args.dev_fraction, args.test_fraction, cache.parent)
+    # The base depends on the data, the recipe and the precision: any change pretrains (and caches) another.
+    recipe = f"{source_digest(args.data)}|{DEMO_BASE}|{DEMO_PRETRAIN}|{args.pretrain_steps}|{args.precision}"
+    base_dir = cache.parent / f"base-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}"
+    if (base_dir / "model" / "config.json").is_file():
+        return base_dir / "model"
+    train_ids = token_streams(args.data, tokenizer, args.dev_fraction, args.test_fraction, cache)["train"]
+    data = Windows(train_ids, DEMO_PRETRAIN["seq_len"], DEMO_PRETRAIN["seed"])
+    if data.n < 1:
+        raise RunError(f"the training split has {len(train_ids)} tokens, too few to pretrain the demo base on "
+                       f"windows of {DEMO_PRETRAIN['seq_len']}; pass --data with more text")
+    # A --pretrain-steps shorter than the recipe's warmup (the tests' few steps) warms up over all of them.
+    pargs = argparse.Namespace(**{**vars(args), **DEMO_PRETRAIN, "steps": args.pretrain_steps, "eval_every": 0,
+                                  "stop_after": None, "warmup": min(DEMO_PRETRAIN["warmup"], args.pretrain_steps)})
+    cfg = Qwen2Config(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=pargs.seq_len, **DEMO_BASE)
+    torch.manual_seed(pargs.seed)
+    model = Qwen2(cfg).to(device).train()
+    (run_dir := base_dir / "pretrain").mkdir(parents=True, exist_ok=True)
+    print(f"pretraining the demo base: Qwen2 with {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters, {pargs.steps} steps (cached for later runs)")
+    checkpoint = read_checkpoint(run_dir) if (run_dir / CHECKPOINT).is_file() else None
+    train(lambda x, depth: model(x), model, data, None, pargs, run_dir, device, checkpoint, looped=False)
+    save_model(model.eval(), base_dir / "model.tmp", tokenizer)
+    os.replace(base_dir / "model.tmp", base_dir / "model")  # a directory: renamed whole once all its files are written
+    return base_dir / "model"
