@@ -91,13 +91,13 @@ def check_out_dir(args) -> Path:
 def check_flags(args) -> None:
     """Values that pass argparse's type check but would fail mid-run (a division by zero, an optimizer error)
     or silently do something other than asked."""
-    checks = [(f, getattr(args, f) >= 1, ">= 1") for f in ("seq_len", "batch_size", "grad_accum", "steps",
+    checks = [(f, getattr(args, f) >= 1, ">= 1") for f in ("seq_len", "batch_size", "grad_accum", "lora_rank",
                                                            "log_every", "save_every", "max_new_tokens", "top_k",
                                                            "pretrain_steps")]
-    checks += [(f, getattr(args, f) >= 0, ">= 0") for f in ("warmup", "eval_every", "eval_windows", "weight_decay",
-                                                            "temperature")]
+    checks += [(f, getattr(args, f) >= 0, ">= 0") for f in ("steps", "warmup", "eval_every", "eval_windows",
+                                                            "weight_decay", "temperature")]
     checks += [("stop_after", args.stop_after is None or args.stop_after >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),
-               ("alpha", args.alpha > 0, "> 0"), ("clip", args.clip > 0, "> 0"),
+               ("alpha", args.alpha > 0, "> 0"), ("lora_alpha", args.lora_alpha > 0, "> 0"), ("clip", args.clip > 0, "> 0"),
                ("min_lr_ratio", 0 <= args.min_lr_ratio <= 1, "in 0..1"),
                ("dev_fraction", 0 < args.dev_fraction < 1, "strictly between 0 and 1"),
                ("test_fraction", 0 < args.test_fraction < 1 - args.dev_fraction,
@@ -105,7 +105,7 @@ def check_flags(args) -> None:
     for name, ok, rule in checks:
         if not ok:
             raise RunError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid; pass a value {rule}")
-    if args.warmup > args.steps:
+    if args.warmup > args.steps > 0:  # (--steps 0 trains nothing: it prints the reference rows)
         raise RunError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps}), so the learning rate "
                        f"would never reach its peak; pass a --warmup of at most {args.steps}")
     if args.data is not None and not args.data.strip():
@@ -187,7 +187,7 @@ def comparison_table(rows: list[dict]) -> str:
     """rows: name, kept (base parameters), trainable, loss and what was scored. The first two must be the full
     model and the cut baseline; gap recovered = (cut - loss) / (cut - full)."""
     cut, s = rows[1]["loss"], rows[0]
-    lines = [f"test split: {s['windows']:,} of its {s['split_windows']:,} windows of {s['tokens'] // s['windows']} "
+    lines = [f"{s['split']} split: {s['windows']:,} of its {s['split_windows']:,} windows of {s['tokens'] // s['windows']} "
              f"tokens, spread over all of it: {s['tokens']:,} tokens scored, from {s['documents']:,} of its "
              f"{s['split_documents']:,} documents",
              f"{'model':<34} {'params kept':>12} {'trainable':>11} {'test loss':>10} {'ppl':>9} {'gap recovered':>14}"]
@@ -209,9 +209,12 @@ def write_results(out: Path, rows: list[dict], scored: dict, name: str = "result
     """The comparison table: printed, and written to results.json with what was scored (`scored`: the split's
     windows and documents, and how many of them and how many tokens every row was scored on)."""
     full, cut = rows[0]["loss"], rows[1]["loss"]
+    scored = {"split": "test"} | scored
     for r in rows:
-        r.update(scored, split="test", gap_recovered=(cut - r["loss"]) / (cut - full) if cut != full else float("nan"))
-    print(f"\nnext-token loss on the test split, {out}:\n{comparison_table(rows)}")
+        r.update(scored, gap_recovered=(cut - r["loss"]) / (cut - full) if cut != full else float("nan"))
+    print(f"\nnext-token loss on the {scored['split']} split" + (f", {out}:" if out else ":") + f"\n{comparison_table(rows)}")
+    if out is None:
+        return
     # Each row's loss per test document (null: not scored), for statistics paired by document, in a file of its own.
     documents = {r["name"]: r.pop("per_document") for r in rows if "per_document" in r}
     if documents:
