@@ -163,21 +163,14 @@ class Adapters(nn.Module):
         if str(i) not in self.layers:
             return None
         w = self.layers[str(i)]
-        return {k: (w[f"{k}_A"], w[f"{k}_B"], self.scale) for k in PROJECTIONS}
+        return {k: [(w[f"{k}_A"], w[f"{k}_B"], self.scale)] for k in PROJECTIONS}
 
 
 def combined(mod: Modulation | None, extra: Modulation | None) -> Modulation | None:
-    """Two low-rank terms on one projection as one: B1 ((A1 x) * c1) + B2 ((A2 x) * c2)
-    = [B1 B2] (([A1 ; A2] x) * [c1 ; c2]), so project() still adds a single term."""
+    """The Controller's terms and an adapter's on the same layer: project() adds each in turn."""
     if mod is None or extra is None:
         return mod or extra
-    out = dict(mod)
-    for k, (A2, B2, c2) in extra.items():
-        A1, B1, c1 = out[k]
-        c1 = torch.as_tensor(c1, device=A1.device)
-        c2 = torch.full((*c1.shape[:-1], A2.shape[0]), c2, dtype=c1.dtype, device=c1.device)
-        out[k] = (torch.cat((A1, A2.to(A1.dtype))), torch.cat((B1, B2.to(B1.dtype)), dim=1), torch.cat((c1, c2), -1))
-    return out
+    return {k: mod.get(k, []) + extra.get(k, []) for k in {*mod, *extra}}
 
 
 class RecurrentCache:
@@ -247,7 +240,7 @@ class Ouroboros(nn.Module):
         # The input-blind control reads zeros instead of the pooled state: the same Controller, c from s alone.
         p = self.pool(h, s, cache) if self.cfg.controller_input == "pooled" else h.new_zeros(1, 1, h.shape[-1])
         c = self.controller(p, s) * (self.cfg.alpha / self.cfg.rank)  # (..., 7, r)
-        return {k: (getattr(self, f"lora_A_{k}"), getattr(self, f"lora_B_{k}"), c[..., j, :])
+        return {k: [(getattr(self, f"lora_A_{k}"), getattr(self, f"lora_B_{k}"), c[..., j, :])]
                 for j, k in enumerate(PROJECTIONS)}
 
     def step(self, h, s: int, cos, sin, cache: RecurrentCache | None = None):

@@ -48,15 +48,14 @@ PROJECTIONS = {
     "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
 }
 
-# A modulation: for some projection names, (A (r, in), B (out, r), c (B, T, r) or broadcastable),
-# with the LoRA scale alpha/r already folded into c.
-Modulation = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# A modulation: for some projection names, a list of low-rank terms (A (r, in), B (out, r), c (B, T, r) or
+# broadcastable), with the scale alpha/r already folded into c: the Controller's, and a LoRA adapter's.
+Modulation = dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | float]]]
 
 
 def project(linear: nn.Linear, x: torch.Tensor, name: str, mod: Modulation | None) -> torch.Tensor:
     y = linear(x)
-    if mod is not None and name in mod:
-        A, B, c = mod[name]
+    for A, B, c in (mod or {}).get(name, ()):
         # y = W x + b + (alpha/r) B ((A x) * c). Two thin matmuls; B diag(c) A is never formed. addmm adds the
         # second into y as it multiplies: one y-sized temporary and one pass over y fewer (~3% of a step on CPU).
         lora = (F.linear(x, A) * c).flatten(0, -2)  # (B*T, r)

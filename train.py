@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -26,9 +27,9 @@ from controller import ConfigError, Ouroboros, OuroborosConfig, paper_split
 from data import DataError, Windows, token_cache
 from data import splits as data_splits
 from demo import DEMO_ARM, demo_base
-from load_qwen import CheckpointError, load_config, load_model, load_ouroboros, load_tokenizer
+from load_qwen import CheckpointError, atomic_write, load_config, load_model, load_ouroboros, load_tokenizer
 from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals, agree, all_mean, all_sum, autocast, check_flags,
-                  check_out_dir, check_resume, check_same_model, clip_gradients, compare, flag_names, fmt_time, number,
+                  check_out_dir, check_resume, check_same_model, clip_gradients, compare, count_flops, flag_names, fmt_time, number,
                   init_distributed, log_line, pick_device, read_checkpoint, read_run_config, resolve_precision,
                   print_progress, restore, resume, skip_update, start_run, world_rank, write_results)
 
@@ -59,20 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--n-prelude", type=int, help="frozen layers before the loop (default round(8L/36), 8 on Qwen2.5-3B)")
     a("--recurrent-layer", type=int, help="the looped layer (default L // 2, 18 on Qwen2.5-3B)")
     a("--n-coda", type=int, help="frozen layers after the loop (default round(8L/36))")
-    a("--controller-input", default="pooled", choices=["pooled", "none"],
-      help="none: the input-blind control, the same Controller reading zeros, so c depends on the step only")
-    a("--lora-layers", default="none", choices=["none", "coda", "recurrent", "all"], help="trainable LoRA adapters "
-      "(A random, B = 0) on these kept layers; with --controller none --no-gate --no-step-norm --depth 1: plain LoRA")
+    a("--controller-input", default="pooled", choices=["pooled", "none"], help="none: the input-blind control")
+    a("--lora-layers", default="none", choices=["none", "coda", "recurrent", "all"], help="LoRA-heal these layers")
     a("--lora-rank", type=int, default=8, help="the adapters' rank")
     a("--lora-alpha", type=number, default=16.0, help="the adapters' delta is scaled by alpha / rank")
     a("--checkpoint-steps", action="store_true", help="recompute each recurrent step in backward (less memory)")
     training_flags(a)
     # using finished runs
     a("--eval-only", action="store_true", help="recompute the comparison table of the run in --out")
-    a("--eval-depths", dest="score_depths", help="depths the table scores, e.g. 1,2,4,8,16, in one pass (default: "
-      "--depths or --depth); with --eval-only, written to results-depths-*.json")
-    a("--eval-pool", choices=["causal", "mean"], help="with --eval-only: score with this pool instead of the "
-      "training one (a mean-pool run scored causally: what its future tokens were worth); results-pool-*.json")
+    a("--eval-depths", dest="score_depths", help="the table's depths, e.g. 1,2,4,8 (default: --depths or --depth)")
+    a("--eval-pool", choices=["causal", "mean"], help="with --eval-only: score with this pool, not the training one")
     a("--compare", nargs="+", metavar="RUN", help="print one table of these finished runs (full and cut rows once)")
     a("--sample", metavar="PROMPT", help="generate text from PROMPT with the trained run in --out")
     a("--max-new-tokens", type=int, default=100, help="with --sample")
@@ -167,7 +164,7 @@ def train(forward, model: torch.nn.Module, data: Windows, dev: Windows | None, a
     state = resume(resume_from, out, params, optimizer, rank) if resume_from else dict(step=0, bad_steps=0, world=world)
     save = Saver(out, params, optimizer, world, rank, state["step"] if resume_from is not None else None)
     per_step = args.batch_size * args.grad_accum * world  # windows per optimizer step, all processes
-    start_step, t0 = state["step"], time.time()
+    (start_step, seconds), t0 = (state["step"], state.get("seconds", 0.0)), time.time()
     with StopSignals(world, device) as signals:
         try:
             while state["step"] < args.steps:
@@ -196,14 +193,14 @@ def train(forward, model: torch.nn.Module, data: Windows, dev: Windows | None, a
                     continue
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                state.update(step=step + 1, bad_steps=0, samples=(step + 1) * per_step)
+                state.update(step=step + 1, bad_steps=0, samples=(step + 1) * per_step, seconds=seconds + time.time() - t0)
                 step += 1
                 record = {"step": step, "loss": loss, "lr": lr} | ({"depth": depth} if looped else {})
                 if rank == 0 and (step % args.log_every == 0 or step == args.steps):
                     done = step - start_step
                     print_progress(record, args.steps, done, done * per_step * args.seq_len, t0)
                 if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                    record["dev_loss"] = evaluate(lambda x: forward(x, max(args.eval_depths)), dev, args, device)
+                    record["dev_loss"] = score(lambda x: {0: forward(x, max(args.eval_depths))}, dev, args, device)[0][0]
                     if rank == 0:
                         print(f"step {step}: dev loss {record['dev_loss']:.4f}", flush=True)
                 log_line(out, record, rank)
@@ -244,11 +241,8 @@ def score(forward, split: Windows, args, device, what: str | None = None) -> dic
                   file=sys.stderr, flush=True)
     count = all_sum(count, world)
     sums = {key: all_sum(s, world) for key, s in sums.items()}
-    return {key: ((s.sum() / count.sum()).item(), (s / count).tolist()) for key, s in sums.items()}
-
-
-def evaluate(forward, split: Windows, args, device, what: str | None = None) -> float:
-    return score(lambda x: {0: forward(x)}, split, args, device, what)[0][0]
+    per_doc = lambda s: [None if n == 0 else v for v, n in zip((s / count).tolist(), count.tolist())]  # noqa: E731
+    return {key: ((s.sum() / count.sum()).item(), per_doc(s)) for key, s in sums.items()}
 
 
 def arm_name(args) -> str:
@@ -262,9 +256,9 @@ def count(params) -> int:
     return sum(p.numel() for p in {id(p): p for p in params}.values())
 
 
-def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None = None) -> list[dict]:
-    """The comparison table's rows, all on the same test windows: the full model, the cut baseline, and the
-    trained arm at each evaluation depth (all depths in one pass)."""
+def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None = None, arms=True) -> list[dict]:
+    """The comparison table's rows, all on the same windows: the full model, the cut baseline, and (with `arms`)
+    the trained arm at each evaluation depth (all depths in one pass)."""
     full = load_model(args.model, BASE_DTYPE[args.precision], device)
     rows = [dict(name=f"full model ({len(full.layer_ids)} layers)", kept=count(full.parameters()), trainable=0),
             dict(name=f"cut baseline ({len(model.base.layer_ids)} layers)", kept=count(model.base.parameters()),
@@ -272,11 +266,25 @@ def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None =
     for row, m in zip(rows, (full, model.base)):
         row["loss"], row["per_document"] = score(lambda x: {0: m(x)}, test, args, device, row["name"])[0]
     del full
+    if not arms:
+        return rows
     name, control = name or arm_name(args), model.controller is None and model.gate is not None and model.step_norm is not None
     scores = score(lambda x: model.eval().logits_at(x, args.eval_depths), test, args, device, name)
+    used = model.parameters_used(max(parse_depths(args.depths) if args.depths else [args.depth]))  # in training
     return rows + [dict(name=f"{name}, depth {d}", kept=count(model.base.parameters()), control=control,
-                        trainable=count(model.trainable_parameters().values()), trainable_used=model.parameters_used(d),
+                        trainable=count(model.trainable_parameters().values()), trainable_used=used,
                         loss=scores[d][0], per_document=scores[d][1]) for d in args.eval_depths]
+
+
+def training_flops(model: Ouroboros, data: Windows, args, device) -> float:
+    """Matmul and attention FLOPs per token of a training step (forward and backward), counted by
+    torch.utils.flop_counter on one window, averaged over the depths the run drew."""
+    x, y = inputs_and_targets(data.rows([0]).to(device))
+    with autocast(device, args.precision):
+        per_depth = {d: count_flops(lambda: next_token_loss(model(x, d), y).backward()) / x.numel()
+                     for d in {depth_at(step, args) for step in range(args.steps)}}
+    model.zero_grad(set_to_none=True)
+    return sum(per_depth[depth_at(step, args)] for step in range(args.steps)) / args.steps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -315,12 +323,17 @@ def run(args) -> int:
     if args.sample or args.eval_only:
         return use_finished_run(args, check_out_dir(args), device)
     cfg = ouroboros_config(args, load_config(args.model).num_hidden_layers)  # a bad flag is told before a bad --out
-    out = check_out_dir(args)
+    out = check_out_dir(args) if args.steps else None
     qcfg, model = prepare_arm(args, device, cfg)
     checkpoint = check_resume(out, args, model.trainable_parameters()) if args.resume else None
     # Tokenised (or read from the cache) before the processes start: one at a time, so none waits in a collective.
     splits = data_splits(args.data, load_tokenizer(args.model), qcfg.vocab_size, args.seq_len, args.seed,
                          args.dev_fraction, args.test_fraction, token_cache(args.token_cache))
+    if args.steps == 0:  # the reference rows alone, on dev and test, to choose a cut before anything trains
+        for split in ("dev", "test"):
+            write_results(None, table_rows(model, splits[split], args, device, arms=False),
+                          splits[split].coverage(args.eval_windows) | {"split": split})
+        return 0
     rank, world = init_distributed(device)
     try:
         agree(world, tensors=dict(model.named_parameters()) | dict(model.named_buffers()),
@@ -331,11 +344,15 @@ def run(args) -> int:
             print(f"{arm_name(args)}: {count(model.trainable_parameters().values()):,} trainable parameters, layers "
                   f"{model.prelude} + [{model.recurrent}] x depth + {model.coda}; {splits['train'].n:,} training "
                   f"windows of {args.seq_len} tokens")
-        train(lambda x, depth: model(x, depth), model.train(), splits["train"], splits["dev"], args, out, device,
-              checkpoint, True, world, rank)
+        state = train(lambda x, depth: model(x, depth), model.train(), splits["train"], splits["dev"], args, out,
+                      device, checkpoint, True, world, rank)
         rows = table_rows(model, splits["test"], args, device)
+        stats = dict(tokens_seen=state["samples"] * args.seq_len, seconds=state["seconds"],  # times vary: their own file
+                     tokens_per_s=state["samples"] * args.seq_len / state["seconds"],
+                     flops_per_token=training_flops(model, splits["train"], args, device))
         if rank == 0:
             write_results(out, rows, splits["test"].coverage(args.eval_windows))
+            atomic_write(out / "stats.json", lambda f: f.write_text(json.dumps(stats, indent=2)))
     except OSError as e:  # the file system's (a full disk, no permission): the user's to fix, so one line
         raise RunError(f"{e}; fix that, then start again or --resume from the last checkpoint") from None
     finally:

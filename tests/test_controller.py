@@ -90,12 +90,12 @@ def test_project_equals_the_materialised_formula():
     A, B = torch.randn(r, d_in), torch.randn(d_out, r)
     c = torch.randn(B_, T, r)  # a different c per token
     x = torch.randn(B_, T, d_in)
-    y = project(linear, x, "q", {"q": (A, B, c)})
+    y = project(linear, x, "q", {"q": [(A, B, c)]})
     for b in range(B_):
         for t in range(T):
             W = linear.weight + B @ torch.diag(c[b, t]) @ A  # W + B diag(c) A, materialised here only
             torch.testing.assert_close(y[b, t], W @ x[b, t] + linear.bias)
-    assert torch.equal(project(linear, x, "k", {"q": (A, B, c)}), linear(x))  # other names are untouched
+    assert torch.equal(project(linear, x, "k", {"q": [(A, B, c)]}), linear(x))  # other names are untouched
 
 
 @torch.no_grad()

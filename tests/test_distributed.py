@@ -129,7 +129,7 @@ def test_two_processes_match_one_with_the_same_global_batch(world, two_proc, tmp
     assert [r["step"] for r in metrics(out)] == list(range(1, 25))
     assert proc.stdout.count("step 1/24 |") == 1 and proc.stdout.count("next-token loss on the test split") == 1
     assert {f.name for f in out.iterdir() if not f.name.startswith("tokens-")} == \
-        {"config.json", train.CHECKPOINT, "metrics.jsonl", "results.json", "documents.json"}
+        {"config.json", train.CHECKPOINT, "metrics.jsonl", "results.json", "documents.json", "stats.json"}
     assert checkpoint_state(out)["step"] == 24 and checkpoint_state(out)["samples"] == 24 * 4
     # The same windows, the gradients averaged: the 1-process result up to float summation order (with two
     # processes it is in fact bit for bit the same today, as halving is exact; the test does not insist).

@@ -59,7 +59,7 @@ def hand_controller(ctrl, p, s):
 
 def hand_step(model, h_old, s, cos, sin):
     c = hand_controller(model.controller, hand_pool(h_old), s) * (CFG.alpha / CFG.rank)
-    mod = {k: (getattr(model, f"lora_A_{k}"), getattr(model, f"lora_B_{k}"), c[..., j, :])
+    mod = {k: [(getattr(model, f"lora_A_{k}"), getattr(model, f"lora_B_{k}"), c[..., j, :])]
            for j, k in enumerate(PROJECTIONS)}
     h_new = model.base.layer(CFG.recurrent_layer)(h_old, cos, sin, mod)
     # norm_s, before the gate, with step s's own weight row.

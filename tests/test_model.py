@@ -192,12 +192,12 @@ def test_project_adds_the_low_rank_modulation_per_token():
     linear = torch.nn.Linear(16, 24, bias=True)
     x, A, B, c = torch.randn(2, 5, 16), torch.randn(3, 16), torch.randn(24, 3), torch.randn(2, 5, 3)
     with torch.no_grad():
-        got = project(linear, x, "q", {"q": (A, B, c)})
+        got = project(linear, x, "q", {"q": [(A, B, c)]})
         # y_t = W x_t + b + B diag(c_t) A x_t, with the per-token weight delta materialised.
         delta = torch.einsum("or,btr,ri->btoi", B, c, A)
         expected = linear(x) + torch.einsum("btoi,bti->bto", delta, x)
         assert max_diff(got, expected) <= 1e-4
-        assert torch.equal(project(linear, x, "q", {"k": (A, B, c)}), linear(x))  # other names: untouched
+        assert torch.equal(project(linear, x, "q", {"k": [(A, B, c)]}), linear(x))  # other names: untouched
         assert torch.equal(project(linear, x, "q", None), linear(x))
 
 
@@ -218,8 +218,8 @@ def test_modulation_reaches_the_named_projection(name):
     cos, sin = rope_cos_sin(0, 6, cfg.head_dim, cfg.rope_theta, "cpu")
     with torch.no_grad():
         plain = layer(x, cos, sin)
-        got = layer(x, cos, sin, mod={name: (A, B, c)})
-        zero = layer(x, cos, sin, mod={name: (A, B, torch.zeros(r))})
+        got = layer(x, cos, sin, mod={name: [(A, B, c)]})
+        zero = layer(x, cos, sin, mod={name: [(A, B, torch.zeros(r))]})
         linear.weight += B @ torch.diag(c) @ A
         expected = layer(x, cos, sin)
     assert max_diff(got, expected) <= 1e-4
