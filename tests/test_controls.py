@@ -231,4 +231,8 @@ def test_training_flops_grow_by_one_step_per_depth(world, tmp_path):
         args.depth = d
         f[d] = train.training_flops(model, data, args, torch.device("cpu"))
     assert f[2] - f[1] == pytest.approx(f[3] - f[2], rel=1e-9) and f[2] > f[1] > 0
+    # backward included: more than 1.5x the forward alone (frozen weights need input gradients only, and the
+    # prelude none, so it is under the usual 3x)
+    x = data.rows([0])[:, :-1]
+    assert f[3] > 1.5 * train.count_flops(lambda: model(x, 3)) / x.numel()
     assert math.isfinite(f[3])
