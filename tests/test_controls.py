@@ -137,6 +137,16 @@ def test_plain_lora_through_the_command_line_prints_its_count(world, tmp_path, c
     assert f"{layers * per_layer:,} trainable parameters" in capsys.readouterr().out
 
 
+@torch.no_grad()
+def test_cached_generation_with_adapters_equals_the_uncached_loop(ckpt):
+    model = load_ouroboros(ckpt, dataclasses.replace(CFG, lora_layers="all", lora_rank=4))
+    perturb(model.trainable_parameters().values(), std=0.3)
+    x = out = ids(B=2, T=5)
+    for _ in range(6):
+        out = torch.cat((out, model(out, 3)[:, -1].argmax(dim=-1, keepdim=True)), dim=1)
+    assert torch.equal(model.generate(x, 3, 6), out)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Depth curves, the leak, the references alone.
 
