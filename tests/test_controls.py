@@ -9,28 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny import make_checkpoint, tiny_config  # first: it puts the repository root on sys.path
+import tiny  # noqa: F401  (first: it puts the repository root on sys.path)
 
 from controller import OuroborosConfig
 from load_qwen import load_model, load_ouroboros
 from model import PROJECTIONS
-from test_train import FLAGS, flags, metrics, streams_by_hand, split_by_hand, windows_by_hand, with_flag, world  # noqa: F401
+from test_recursive import CFG, KEPT, QCFG, ckpt, ids  # noqa: F401 (ckpt: a fixture)
+from test_train import flags, metrics, streams_by_hand, split_by_hand, windows_by_hand, world  # noqa: F401
 
 import train
-
-QCFG = tiny_config(num_hidden_layers=6)
-CFG = OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=8, max_steps=8)
-KEPT = [0, 3, 5]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("six"), QCFG, seed=3)
-
-
-def ids(seed=0, B=2, T=12):
-    return torch.randint(0, QCFG.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
-
 
 @torch.no_grad()
 def perturb(params, seed=0, std=0.1):
