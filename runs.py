@@ -137,7 +137,10 @@ def read_run_config(out: Path) -> dict:
 
 
 def check_same_model(out: Path, saved: dict, model_dir) -> None:
-    if saved.get("model_fingerprint") != fingerprint(model_dir):
+    if "model_fingerprint" not in saved:
+        raise RunError(f"{out} was made by an older train.py (its config.json has no model fingerprint, and its "
+                       "split differs); train it again")
+    if saved["model_fingerprint"] != fingerprint(model_dir):
         raise RunError(f"the checkpoint in {model_dir} is not the one {out} was trained on (its config.json or "
                        "weights changed); point --model at the original checkpoint, or start again with --overwrite")
 

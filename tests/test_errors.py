@@ -418,6 +418,15 @@ def test_resume_or_eval_only_against_a_replaced_model_directory(world, existing,
     refused(["--out", str(run), "--eval-only", "--device", "cpu"], capsys, run, "is not the one")
 
 
+def test_a_run_from_before_fingerprints_is_refused(world, existing, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(existing, run)
+    config = json.loads((run / "config.json").read_text())
+    del config["model_fingerprint"]
+    (run / "config.json").write_text(json.dumps(config))
+    refused(["--out", str(run), "--eval-only", "--device", "cpu"], capsys, run, "older train.py", "train it again")
+
+
 def test_optimizer_state_of_another_parameter_is_refused(world, existing, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(existing, run)
