@@ -27,7 +27,7 @@ from load_qwen import atomic_write, publish
 
 SPLITS = ("train", "dev", "test")
 # Bumped whenever documents are read, split or tokenised differently, so that old caches are not reused.
-FORMAT = "ouroboros-tokens-1"
+FORMAT = "ouroboros-tokens-2"
 
 
 class DataError(Exception):
@@ -203,6 +203,8 @@ def tokenize(path, tokenizer, dev_fraction: float, test_fraction: float, files: 
     each split's uint32 ids to its file: memory stays at one chunk, whatever the corpus."""
     eos = eos_token_id(tokenizer)
     docs, tokens, t0 = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), time.time()
+    # A document's own text "<|endoftext|>" stays text: only the ids appended here end a document.
+    special, tokenizer.encode_special_tokens = tokenizer.encode_special_tokens, True
     outs = {s: open(f, "wb") for s, f in files.items()}
     try:
         chunk, size = [], 0
@@ -218,6 +220,7 @@ def tokenize(path, tokenizer, dev_fraction: float, test_fraction: float, files: 
         encode_chunk(chunk, tokenizer, eos, outs, docs, tokens)
         progress(docs, tokens, t0, end="\n")
     finally:
+        tokenizer.encode_special_tokens = special
         for f in outs.values():
             f.close()
     if not sum(docs.values()):

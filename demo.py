@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from data import Windows, demo_tokenizer, source_digest, token_streams
+from data import Windows, demo_tokenizer, eos_token_id, locked, source_digest, token_streams, windows_for
 from load_qwen import save_model
 from model import Qwen2, Qwen2Config
 from runs import CHECKPOINT, RunError, read_checkpoint
@@ -32,17 +32,28 @@ DEMO_ARM = dict(seq_len=256, batch_size=16, grad_accum=1, steps=80, warmup=5, lr
 
 
 def demo_base(args, cache: Path, device, train) -> Path:
-    """The demo's base checkpoint directory: from the cache, or pretrained now with `train` (train.train)."""
-    tokenizer = demo_tokenizer(args.data, DEMO_VOCAB, args.dev_fraction, args.test_fraction, cache.parent)
-    # The base depends on the data, the recipe and the precision: any change pretrains (and caches) another.
-    recipe = f"{source_digest(args.data)}|{DEMO_BASE}|{DEMO_PRETRAIN}|{args.pretrain_steps}|{args.precision}"
-    base_dir = cache.parent / f"base-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}"
-    if (base_dir / "model" / "config.json").is_file():
-        return base_dir / "model"
-    train_ids = token_streams(args.data, tokenizer, args.dev_fraction, args.test_fraction, cache)["train"]
-    data = Windows(train_ids, DEMO_PRETRAIN["seq_len"], DEMO_PRETRAIN["seed"])
+    """The demo's base checkpoint directory: from the cache, or pretrained now with `train` (train.train). Its
+    files live beside the default token cache (~/.cache/ouroboros), or in a demo/ folder of --token-cache."""
+    root = cache.parent if args.token_cache is None else cache / "demo"
+    tokenizer = demo_tokenizer(args.data, DEMO_VOCAB, args.dev_fraction, args.test_fraction, root)
+    # The base depends on the data, its split, the recipe and the precision: any change pretrains another.
+    recipe = (f"{source_digest(args.data)}|{args.dev_fraction}|{args.test_fraction}|{DEMO_VOCAB}|{DEMO_BASE}|"
+              f"{DEMO_PRETRAIN}|{args.pretrain_steps}|{args.precision}")
+    base_dir = root / f"base-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}"
+    base_dir.mkdir(parents=True, exist_ok=True)
+    with locked(base_dir / "lock"):  # two demos at once: one pretrains, the other then reads its base
+        if not (base_dir / "model" / "config.json").is_file():
+            pretrain(args, tokenizer, cache, base_dir, device, train)
+    return base_dir / "model"
+
+
+def pretrain(args, tokenizer, cache: Path, base_dir: Path, device, train) -> None:
+    streams = token_streams(args.data, tokenizer, args.dev_fraction, args.test_fraction, cache)
+    # The arms' windows must fit too: a corpus too small for them is refused before minutes of pretraining.
+    windows_for(streams, args.seq_len, args.seed, tokenizer.get_vocab_size(), eos_token_id(tokenizer))
+    data = Windows(streams["train"], DEMO_PRETRAIN["seq_len"], DEMO_PRETRAIN["seed"])
     if data.n < 1:
-        raise RunError(f"the training split has {len(train_ids)} tokens, too few to pretrain the demo base on "
+        raise RunError(f"the training split has {len(streams['train'])} tokens, too few to pretrain the demo base on "
                        f"windows of {DEMO_PRETRAIN['seq_len']}; pass --data with more text")
     # A --pretrain-steps shorter than the recipe's warmup (the tests' few steps) warms up over all of them.
     pargs = argparse.Namespace(**{**vars(args), **DEMO_PRETRAIN, "steps": args.pretrain_steps, "eval_every": 0,
@@ -57,4 +68,3 @@ def demo_base(args, cache: Path, device, train) -> Path:
     train(lambda x, depth: model(x), model, data, None, pargs, run_dir, device, checkpoint, looped=False)
     save_model(model.eval(), base_dir / "model.tmp", tokenizer)
     os.replace(base_dir / "model.tmp", base_dir / "model")  # a directory: renamed whole once all its files are written
-    return base_dir / "model"

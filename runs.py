@@ -67,7 +67,7 @@ def number(text: str) -> float:
 def check_out_dir(args) -> Path:
     """Refuses to touch an existing run unless told to; changes nothing itself."""
     if not args.out:
-        using = "--sample and --eval-only read the run in --out" if args.sample or args.eval_only else \
+        using = "--sample and --eval-only read the run in --out" if args.sample is not None or args.eval_only else \
             "with --model, --out is the directory the run writes"
         raise RunError(f"--out is required: {using}; pass the run's directory")
     out = Path(args.out)
@@ -78,12 +78,14 @@ def check_out_dir(args) -> Path:
     exists = out.is_dir() and any(out.iterdir())
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file; pass a directory")
+    if (args.sample is not None or args.eval_only) and not ((out / CHECKPOINT).is_file() and (out / "config.json").is_file()):
+        raise RunError(f"{out}: no finished run here (config.json and {CHECKPOINT} are needed)")
     if args.resume:
         if not (out / CHECKPOINT).is_file() or not (out / "config.json").is_file():
             # e.g. a run killed before its first checkpoint: its leftovers need --overwrite to start again
             again = "with --overwrite instead of --resume" if exists else "without --resume"
             raise RunError(f"{out}: no checkpoint to resume from; start the run again {again}")
-    elif exists and not (args.overwrite or args.sample or args.eval_only):  # those two only read the run
+    elif exists and not (args.overwrite or args.sample is not None or args.eval_only):  # those two only read it
         raise RunError(f"{out} already holds files; pass --resume to continue that run or --overwrite to replace it")
     return out
 
@@ -108,6 +110,8 @@ def check_flags(args) -> None:
     if args.warmup > args.steps > 0:  # (--steps 0 trains nothing: it prints the reference rows)
         raise RunError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps}), so the learning rate "
                        f"would never reach its peak; pass a --warmup of at most {args.steps}")
+    if args.eval_pool and not args.eval_only:
+        raise RunError("--eval-pool scores a finished run: use it with --eval-only --out RUN")
     if args.data is not None and not args.data.strip():
         raise RunError("--data is empty (an unset shell variable?); pass a text file, a directory or a .jsonl")
 
@@ -121,7 +125,7 @@ def run_record(args) -> dict:
 def start_run(out: Path, args) -> None:
     """A new run: the directory's previous run files removed, then config.json, written whole."""
     out.mkdir(parents=True, exist_ok=True)
-    for f in (CHECKPOINT, "metrics.jsonl", "results.json"):
+    for f in [CHECKPOINT, "metrics.jsonl", "stats.json", *out.glob("results*.json"), *out.glob("documents*.json")]:
         (out / f).unlink(missing_ok=True)
     atomic_write(out / "config.json", lambda f: f.write_text(json.dumps(run_record(args), indent=2)))
 

@@ -133,11 +133,11 @@ def depth_at(step: int, args) -> int:
     return depths[np.random.default_rng([args.seed, 1, step]).integers(len(depths))]
 
 
-def parse_depths(text: str) -> list[int]:
+def parse_depths(text: str, flag: str = "--depths") -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise RunError(f"--depths {text!r} is not a comma list of integers, e.g. 4,8,16") from None
+        raise RunError(f"{flag} {text!r} is not a comma list of integers, e.g. 4,8,16") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def train(forward, model: torch.nn.Module, data: Windows, dev: Windows | None, a
                     done = step - start_step
                     print_progress(record, args.steps, done, done * per_step * args.seq_len, t0)
                 if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                    record["dev_loss"] = score(lambda x: {0: forward(x, max(args.eval_depths))}, dev, args, device)[0][0]
+                    record["dev_loss"] = score(lambda x: {0: forward(x, max(args.eval_depths))}, [0], dev, args, device)[0][0]
                     if rank == 0:
                         print(f"step {step}: dev loss {record['dev_loss']:.4f}", flush=True)
                 log_line(out, record, rank)
@@ -219,14 +219,15 @@ def train(forward, model: torch.nn.Module, data: Windows, dev: Windows | None, a
 # Evaluation: the same windows, spread over the whole split, for every model; shared out between processes.
 
 @torch.no_grad()
-def score(forward, split: Windows, args, device, what: str | None = None) -> dict:
-    """Next-token loss of each output of forward(x), a dict of logits (one per depth, say), over --eval-windows
-    windows spread over the whole split: {key: (mean loss, per-document mean losses)}. Under torchrun each process
-    scores its share of the windows and the sums are taken over all; with `what`, a progress line."""
+def score(forward, keys, split: Windows, args, device, what: str | None = None) -> dict:
+    """Next-token loss of each output of forward(x), a dict of logits under `keys` (one per depth, say), over
+    --eval-windows windows spread over the whole split: {key: (mean loss, per-document mean losses)}. Under torchrun
+    each process scores its share of the windows and the sums are taken over all; with `what`, a progress line."""
     world, rank = world_rank()
     indices = split.spread(args.eval_windows)
     n_docs = int(split.target_documents(indices[-1:]).max()) + 1
-    sums, count = {}, torch.zeros(n_docs, dtype=torch.float64, device=device)
+    count = torch.zeros(n_docs, dtype=torch.float64, device=device)
+    sums = {key: torch.zeros_like(count) for key in keys}  # on every process, even one with no windows to score
     mine = list(range(rank * args.batch_size, len(indices), world * args.batch_size))
     for n, start in enumerate(mine):
         chunk = indices[start:start + args.batch_size]
@@ -234,7 +235,7 @@ def score(forward, split: Windows, args, device, what: str | None = None) -> dic
         with autocast(device, args.precision):
             for key, logits in forward(x).items():
                 loss = next_token_loss(logits, y, reduction="none").double()
-                sums.setdefault(key, torch.zeros_like(count)).index_add_(0, doc, loss)
+                sums[key].index_add_(0, doc, loss)
         count.index_add_(0, doc, torch.ones_like(doc, dtype=count.dtype))
         if what and rank == 0:
             print(f"\revaluating {what}: {n + 1}/{len(mine)} batches", end="\n" if n + 1 == len(mine) else "",
@@ -248,7 +249,8 @@ def score(forward, split: Windows, args, device, what: str | None = None) -> dic
 def arm_name(args) -> str:
     name = {"dynamic": "Ouroboros", "static": "static per-step LoRA", "none": "gate + norm only"}[args.controller]
     ablations = [f for f, on in (("no gate", args.no_gate), ("no step norm", args.no_step_norm),
-                                 ("mean pool", args.pool == "mean")) if on]
+                                 ("mean pool", args.pool == "mean"), ("input-blind", args.controller_input == "none"),
+                                 (f"LoRA {args.lora_layers} r{args.lora_rank}", args.lora_layers != "none")) if on]
     return name + (f" ({', '.join(ablations)})" if ablations else "")
 
 
@@ -264,12 +266,12 @@ def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None =
             dict(name=f"cut baseline ({len(model.base.layer_ids)} layers)", kept=count(model.base.parameters()),
                  trainable=0)]
     for row, m in zip(rows, (full, model.base)):
-        row["loss"], row["per_document"] = score(lambda x: {0: m(x)}, test, args, device, row["name"])[0]
+        row["loss"], row["per_document"] = score(lambda x: {0: m(x)}, [0], test, args, device, row["name"])[0]
     del full
     if not arms:
         return rows
     name, control = name or arm_name(args), model.controller is None and model.gate is not None and model.step_norm is not None
-    scores = score(lambda x: model.eval().logits_at(x, args.eval_depths), test, args, device, name)
+    scores = score(lambda x: model.eval().logits_at(x, args.eval_depths), args.eval_depths, test, args, device, name)
     used = model.parameters_used(max(parse_depths(args.depths) if args.depths else [args.depth]))  # in training
     return rows + [dict(name=f"{name}, depth {d}", kept=count(model.base.parameters()), control=control,
                         trainable=count(model.trainable_parameters().values()), trainable_used=used,
@@ -277,8 +279,7 @@ def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None =
 
 
 def training_flops(model: Ouroboros, data: Windows, args, device) -> float:
-    """Matmul and attention FLOPs per token of a training step (forward and backward), counted by
-    torch.utils.flop_counter on one window, averaged over the depths the run drew."""
+    """Training FLOPs per token (matmul and attention, forward and backward; flop_counter), over the depths drawn."""
     x, y = inputs_and_targets(data.rows([0]).to(device))
     with autocast(device, args.precision):
         per_depth = {d: count_flops(lambda: next_token_loss(model(x, d), y).backward()) / x.numel()
@@ -301,8 +302,9 @@ def ouroboros_config(args, n_layers: int) -> OuroborosConfig:
     cfg = OuroborosConfig(**{k: v for k, v in vars(args).items() if k in fields}, gate=not args.no_gate,
                           step_norm=not args.no_step_norm)
     cfg.split(n_layers)
-    args.eval_depths = parse_depths(args.score_depths or args.depths or str(args.depth))
-    for d in args.eval_depths:
+    trained = parse_depths(args.depths) if args.depths else [args.depth]
+    args.eval_depths = parse_depths(args.score_depths, "--eval-depths") if args.score_depths else trained
+    for d in set(trained) | set(args.eval_depths):
         if not 1 <= d <= args.max_steps:
             raise ConfigError(f"depth {d} is outside 1..{args.max_steps} (--max-steps); choose a depth in that range")
     return cfg
@@ -320,12 +322,12 @@ def run(args) -> int:
     check_flags(args)
     device = pick_device(args.device)
     args.precision = resolve_precision(args.precision, device)
-    if args.sample or args.eval_only:
+    if args.sample is not None or args.eval_only:
         return use_finished_run(args, check_out_dir(args), device)
     cfg = ouroboros_config(args, load_config(args.model).num_hidden_layers)  # a bad flag is told before a bad --out
     out = check_out_dir(args) if args.steps else None
     qcfg, model = prepare_arm(args, device, cfg)
-    checkpoint = check_resume(out, args, model.trainable_parameters()) if args.resume else None
+    checkpoint = check_resume(out, args, model.trainable_parameters()) if args.resume and out else None
     # Tokenised (or read from the cache) before the processes start: one at a time, so none waits in a collective.
     splits = data_splits(args.data, load_tokenizer(args.model), qcfg.vocab_size, args.seq_len, args.seed,
                          args.dev_fraction, args.test_fraction, token_cache(args.token_cache))
@@ -346,11 +348,13 @@ def run(args) -> int:
                   f"windows of {args.seq_len} tokens")
         state = train(lambda x, depth: model(x, depth), model.train(), splits["train"], splits["dev"], args, out,
                       device, checkpoint, True, world, rank)
+        if state["step"] < args.steps:  # stopped by --stop-after: the table comes when the run is finished
+            return 0
         rows = table_rows(model, splits["test"], args, device)
-        stats = dict(tokens_seen=state["samples"] * args.seq_len, seconds=state["seconds"],  # times vary: their own file
-                     tokens_per_s=state["samples"] * args.seq_len / state["seconds"],
+        tokens, seconds = state.get("samples", 0) * args.seq_len, state.get("seconds", 0.0)
+        stats = dict(tokens_seen=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
                      flops_per_token=training_flops(model, splits["train"], args, device))
-        if rank == 0:
+        if rank == 0:  # stats.json apart: results.json must not vary with the machine's speed
             write_results(out, rows, splits["test"].coverage(args.eval_windows))
             atomic_write(out / "stats.json", lambda f: f.write_text(json.dumps(stats, indent=2)))
     except OSError as e:  # the file system's (a full disk, no permission): the user's to fix, so one line
@@ -362,11 +366,9 @@ def run(args) -> int:
 
 
 def use_finished_run(args, out: Path, device) -> int:
-    """--sample and --eval-only: rebuild the run from its config.json and checkpoint."""
-    if not (out / "config.json").is_file() or not (out / CHECKPOINT).is_file():
-        raise RunError(f"{out}: no finished run here (config.json and {CHECKPOINT} are needed)")
+    """--sample and --eval-only: rebuild the run from its config.json and checkpoint, in its own precision."""
     saved = argparse.Namespace(**{**vars(build_parser().parse_args([])), **read_run_config(out)})  # new flags: defaults
-    saved.device, saved.precision, saved.token_cache = args.device, args.precision, args.token_cache
+    saved.device, saved.token_cache = args.device, args.token_cache
     check_same_model(out, vars(saved), saved.model)
     name, tag = arm_name(saved), "results"  # scored as trained, or with another pool or other depths
     for flag, value in (("pool", args.eval_pool), ("score_depths", args.score_depths)):
@@ -377,13 +379,14 @@ def use_finished_run(args, out: Path, device) -> int:
     qcfg, model = prepare_arm(saved, device)
     restore(read_checkpoint(out), out, model.trainable_parameters())
     tokenizer = load_tokenizer(saved.model)
-    if args.sample:
+    if args.sample is not None:
         ids = torch.tensor([tokenizer.encode(args.sample).ids], device=device)
         if ids.numel() == 0:
             raise RunError("--sample needs a non-empty prompt")
         gen = torch.Generator(device=device).manual_seed(saved.seed)
         with autocast(device, saved.precision):
-            ids = model.eval().generate(ids, max(saved.eval_depths), args.max_new_tokens, args.temperature, args.top_k, gen)
+            depth = max(parse_depths(saved.depths) if saved.depths else [saved.depth])  # the largest trained
+            ids = model.eval().generate(ids, depth, args.max_new_tokens, args.temperature, args.top_k, gen)
         print(tokenizer.decode(ids[0].tolist()))
         return 0
     test = data_splits(saved.data, tokenizer, qcfg.vocab_size, saved.seq_len, saved.seed, saved.dev_fraction,
@@ -408,12 +411,13 @@ def demo(args) -> int:
     base = demo_base(args, token_cache(args.token_cache), device, train)
     print(f"base model ready in {base} ({fmt_time(time.time() - t0)} so far)")
     arms = [out / controller for controller in ("none", "dynamic")]
-    for arm in arms:
+    for arm in arms[:1] if args.steps == 0 else arms:  # --steps 0: the reference rows, once
         # With --resume, an arm that never reached its first checkpoint starts again.
         run(argparse.Namespace(**{**vars(args), "model": str(base), "controller": arm.name, "out": str(arm),
                                   "resume": args.resume and (arm / CHECKPOINT).is_file(),
                                   "overwrite": args.resume or args.overwrite}))
-    compare(arms, out)
+    if args.steps:
+        compare(arms, out)
     print(f"demo finished in {fmt_time(time.time() - t0)}")
     return 0
 
@@ -426,10 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare:
             compare([Path(run) for run in args.compare], Path(args.out) if args.out else None)
             return 0
-        if args.model is None and not (args.sample or args.eval_only):
+        if args.model is None and not (args.sample is not None or args.eval_only):
             parser.set_defaults(**DEMO_ARM)
             return demo(parser.parse_args(argv))
-        if args.data is None and not (args.sample or args.eval_only):  # (the demo's arms read the demo corpus)
+        if args.data is None and not (args.sample is not None or args.eval_only):  # (the demo's arms read the demo corpus)
             raise RunError("--data is required with --model; pass a text file, a directory or a .jsonl")
         return run(args)
     except (RunError, DataError, CheckpointError, ConfigError) as e:

@@ -100,6 +100,19 @@ def test_streams_are_each_document_then_end_of_text(tmp_path, tok):
         assert streams[s].tolist() == [i for t in parts[s] for i in tok.encode(t).ids + [eos]]
 
 
+def test_a_documents_own_end_of_text_string_stays_text(tmp_path, tok):
+    src = tmp_path / "c"
+    src.mkdir()
+    for i in range(40):
+        (src / f"d{i}.txt").write_text(f"document {i} <|endoftext|> and more words")
+    streams = data.token_streams(src, tok, 0.2, 0.2, tmp_path / "cache")
+    eos = tok.token_to_id("<|endoftext|>")
+    parts = split(data.read_documents(src), 0.2, 0.2)
+    for s in data.SPLITS:  # one end-of-text per document: the appended one
+        assert int((streams[s] == eos).sum()) == len(parts[s])
+    assert tok.encode_special_tokens is False  # the caller's tokenizer is left as it was
+
+
 def test_a_second_call_reads_the_cache_and_a_change_tokenises_again(tmp_path, tok, monkeypatch):
     src, cache = corpus(tmp_path / "c"), tmp_path / "cache"
     first = data.token_streams(src, tok, 0.2, 0.2, cache)

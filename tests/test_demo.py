@@ -84,6 +84,24 @@ def test_base_recipe_keys_the_cache(demo_run, monkeypatch):
     assert len(list((root / "cache" / "ouroboros").glob("base-*/model"))) == 2  # another recipe, another base
 
 
+def test_the_base_follows_the_split_and_lives_in_token_cache(demo_run, tmp_path):
+    root, corpus, argv = demo_run
+    args = train.build_parser().parse_args([*argv, "--token-cache", str(tmp_path / "tokens"), "--precision", "fp32"])
+    one = demo.demo_base(args, tmp_path / "tokens", torch.device("cpu"), train.train)
+    args.test_fraction = 0.25  # another split: the base must not have seen the new test documents
+    other = demo.demo_base(args, tmp_path / "tokens", torch.device("cpu"), train.train)
+    assert one != other and one.parent.parent == other.parent.parent == tmp_path / "tokens" / "demo"
+    assert not list(Path.cwd().glob("base-*"))
+
+
+def test_demo_with_steps_0_prints_the_references(demo_run, capsys):
+    root, _, argv = demo_run
+    argv = [a if a != str(root / "run") else str(root / "run0") for a in argv] + ["--steps", "0"]
+    capsys.readouterr()
+    assert train.main(argv) == 0
+    assert capsys.readouterr().out.count("cut baseline (5 layers) ") == 2  # dev and test
+
+
 def test_held_out_files_never_appear_in_training(demo_run):
     _, corpus, _ = demo_run
     parts = {"train": [], "dev": [], "test": []}

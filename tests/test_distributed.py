@@ -144,6 +144,15 @@ def test_two_processes_match_one_with_the_same_global_batch(world, two_proc, tmp
     assert [r["windows"] for r in rows] == [r["windows"] for r in one_rows]
 
 
+def test_a_process_with_no_window_to_score_still_joins_the_sums(world, tmp_path):
+    """--eval-windows 1: rank 1 scores nothing, but takes part in every collective of the evaluation."""
+    out = tmp_path / "run"
+    proc = torchrun("train.py", *flags(world, out, "--eval-windows", "1", "--eval-every", "1", base=TWO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())
+    assert all(r["windows"] == 1 for r in rows) and "dev_loss" in metrics(out)[0]
+
+
 def test_ctrl_c_and_resume_under_torchrun(world, two_proc, tmp_path):
     """Ctrl-C reaches torchrun and both processes (the terminal signals the whole process group). The processes
     stop together at the end of a step, rank 0 saves; --resume under torchrun finishes the run bit for bit."""

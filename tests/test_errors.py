@@ -198,6 +198,8 @@ def test_tokenizer_missing(world, tmp_path, capsys):
     (["--depth", "9"], ["depth 9 is outside 1..8"]),
     (["--depths", "2,9"], ["depth 9 is outside 1..8"]),
     (["--depths", "1,x"], ["--depths '1,x'"]),
+    (["--depth", "9", "--eval-depths", "2"], ["depth 9 is outside 1..8"]),  # the trained depth, checked too
+    (["--eval-depths", "1,x"], ["--eval-depths '1,x'"]),
     (["--max-steps", "0", "--depth", "1"], ["--max-steps must be >= 1"]),
 ], ids=lambda v: "".join(v).lstrip("-") if isinstance(v, list) and v[0].startswith("--") else None)
 def test_bad_split_rank_or_depth(world, tmp_path, capsys, extra, words):
@@ -232,6 +234,7 @@ def test_bad_split_rank_or_depth(world, tmp_path, capsys, extra, words):
     (["--step", "40"], ["unrecognized arguments: --step 40"]),  # no abbreviations: --step is not --steps
     (["--seqlen", "40"], ["unrecognized arguments: --seqlen 40"]),
     (["--data", ""], ["--data is empty", "unset shell variable"]),
+    (["--eval-pool", "causal"], ["--eval-pool", "--eval-only"]),
     (["--no-such-flag"], ["unrecognized arguments: --no-such-flag", "--help"]),
     (["--steps", "three"], ["--steps", "'three'"]),
     (["--precision", "fp16"], ["--precision", "'fp16'", "bf16"]),
@@ -388,6 +391,10 @@ def test_resume_of_a_checkpoint_from_another_model(world, existing, tmp_path, ca
     tensors["param.gate.weight"] = torch.zeros(2, 2)
     save_file(tensors, str(run / train.CHECKPOINT), metadata=meta)
     refused(flags(world, run, "--resume"), capsys, run, "gate.weight", "not this run's")
+
+
+def test_sample_with_an_empty_prompt(existing, capsys):
+    refused(["--out", str(existing), "--sample", "", "--device", "cpu"], capsys, existing, "non-empty prompt")
 
 
 def test_sample_without_out_asks_for_out(tmp_path, capsys):

@@ -422,7 +422,7 @@ def test_first_logged_loss_is_the_next_token_cross_entropy(world, tmp_path):
 def test_dev_split_during_training_and_test_split_in_the_table(world, tmp_path, monkeypatch):
     seen = []
     score = train.score
-    monkeypatch.setattr(train, "score", lambda f, split, *a: seen.append(split) or score(f, split, *a))
+    monkeypatch.setattr(train, "score", lambda f, keys, split, *a: seen.append(split) or score(f, keys, split, *a))
     streams, _ = streams_by_hand(world)
     assert train.main(flags(world, tmp_path / "run", "--eval-every", "1")) == 0
     during, table = seen[:2], seen[2:]  # steps 1 and 2 of 3 evaluate on dev; then full, cut and the arm
@@ -528,6 +528,31 @@ def test_compare_puts_runs_in_one_table(world, finished, reference, tmp_path, ca
     before = (finished / "results.json").read_bytes()
     assert train.main(["--compare", str(reference), "--out", str(finished)]) == 2  # never over a run's own table
     assert (finished / "results.json").read_bytes() == before
+
+
+def test_a_stopped_run_has_no_table_and_overwrite_clears_the_old_one(world, finished, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(flags(world, out, "--stop-after", "1")) == 0
+    assert not (out / "results.json").exists() and not (out / "stats.json").exists()  # not finished: no table
+    assert train.main(["--compare", str(finished), str(out)]) == 2
+    assert train.main(flags(world, out, "--resume")) == 0 and (out / "results.json").is_file()
+    assert train.main(["--out", str(out), "--eval-only", "--eval-depths", "1", "--device", "cpu"]) == 0
+    assert (out / "results-depths-1.json").is_file()
+    assert train.main(flags(world, out, "--overwrite", "--stop-after", "1")) == 0
+    assert sorted(f.name for f in out.iterdir()) == sorted(["config.json", train.CHECKPOINT, "metrics.jsonl"])
+
+
+def test_eval_only_scores_in_the_runs_own_precision(world, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(flags(world, out, "--precision", "fp32")) == 0
+    before = (out / "results.json").read_bytes()
+    assert train.main(["--out", str(out), "--eval-only", "--device", "cpu", "--precision", "bf16"]) == 0
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_steps_0_with_resume_prints_the_references(world, tmp_path, capsys):
+    assert train.main(flags(world, tmp_path / "none", "--steps", "0", "--resume")) == 0
+    assert "cut baseline" in capsys.readouterr().out and not (tmp_path / "none").exists()
 
 
 def test_sample_prints_text(finished, capsys):
