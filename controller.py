@@ -163,6 +163,7 @@ class Adapters(nn.Module):
         if str(i) not in self.layers:
             return None
         w = self.layers[str(i)]
+        # y = W x + b + (lora_alpha / r) B (A x): a modulation term whose c is the constant scale
         return {k: [(w[f"{k}_A"], w[f"{k}_B"], self.scale)] for k in PROJECTIONS}
 
 

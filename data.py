@@ -51,12 +51,16 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
 
 
+def check_data_path(path) -> None:
+    if path is not None and not str(path).strip():
+        raise DataError("--data is empty (an unset shell variable?); pass a text file, a directory or a .jsonl")
+
+
 def data_files(path) -> tuple[Path, list[Path]]:
     """The files --data names (None: the demo corpus), checked before anything is read."""
     if path is None:
         return stdlib_files()
-    if not str(path).strip():
-        raise DataError("--data is empty (an unset shell variable?); pass a text file, a directory or a .jsonl")
+    check_data_path(path)
     path = Path(path)
     if path.is_dir():  # hidden files and folders (.git, .DS_Store) are not documents
         return path, sorted(f for f in path.rglob("*") if f.is_file()

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from data import check_data_path
 from load_qwen import atomic_write, fingerprint
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -78,14 +79,15 @@ def check_out_dir(args) -> Path:
     exists = out.is_dir() and any(out.iterdir())
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file; pass a directory")
-    if (args.sample is not None or args.eval_only) and not ((out / CHECKPOINT).is_file() and (out / "config.json").is_file()):
+    has_run = (out / CHECKPOINT).is_file() and (out / "config.json").is_file()
+    reads = args.sample is not None or args.eval_only  # those two only read the run
+    if reads and not has_run:
         raise RunError(f"{out}: no finished run here (config.json and {CHECKPOINT} are needed)")
-    if args.resume:
-        if not (out / CHECKPOINT).is_file() or not (out / "config.json").is_file():
-            # e.g. a run killed before its first checkpoint: its leftovers need --overwrite to start again
-            again = "with --overwrite instead of --resume" if exists else "without --resume"
-            raise RunError(f"{out}: no checkpoint to resume from; start the run again {again}")
-    elif exists and not (args.overwrite or args.sample is not None or args.eval_only):  # those two only read it
+    if args.resume and not has_run:
+        # e.g. a run killed before its first checkpoint: its leftovers need --overwrite to start again
+        again = "with --overwrite instead of --resume" if exists else "without --resume"
+        raise RunError(f"{out}: no checkpoint to resume from; start the run again {again}")
+    if not args.resume and exists and not (args.overwrite or reads):
         raise RunError(f"{out} already holds files; pass --resume to continue that run or --overwrite to replace it")
     return out
 
@@ -112,8 +114,7 @@ def check_flags(args) -> None:
                        f"would never reach its peak; pass a --warmup of at most {args.steps}")
     if args.eval_pool and not args.eval_only:
         raise RunError("--eval-pool scores a finished run: use it with --eval-only --out RUN")
-    if args.data is not None and not args.data.strip():
-        raise RunError("--data is empty (an unset shell variable?); pass a text file, a directory or a .jsonl")
+    check_data_path(args.data)  # here too, so that it is told before an existing --out
 
 
 def run_record(args) -> dict:
