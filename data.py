@@ -186,7 +186,10 @@ def token_streams(path, tokenizer, dev_fraction: float, test_fraction: float, ca
     tok_digest = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
     key = hashlib.sha256(f"{source_digest(path)}|{tok_digest}|{dev_fraction}|{test_fraction}".encode()).hexdigest()[:20]
     files = {s: cache / f"tokens-{key}-{s}.u32" for s in SPLITS}
-    cache.mkdir(parents=True, exist_ok=True)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--token-cache {cache}: not a directory that can be written ({e}); pass another") from None
     with locked(cache / f"tokens-{key}.lock"):
         if not all(f.is_file() for f in files.values()):
             tmp = {s: f.with_name(f.name + f".{os.getpid()}.tmp") for s, f in files.items()}

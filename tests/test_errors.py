@@ -235,6 +235,7 @@ def test_bad_split_rank_or_depth(world, tmp_path, capsys, extra, words):
     (["--seqlen", "40"], ["unrecognized arguments: --seqlen 40"]),
     (["--data", ""], ["--data is empty", "unset shell variable"]),
     (["--eval-pool", "causal"], ["--eval-pool", "--eval-only"]),
+    (["--token-cache", "/dev/null/tokens"], ["--token-cache /dev/null/tokens", "pass another"]),
     (["--no-such-flag"], ["unrecognized arguments: --no-such-flag", "--help"]),
     (["--steps", "three"], ["--steps", "'three'"]),
     (["--precision", "fp16"], ["--precision", "'fp16'", "bf16"]),
