@@ -198,7 +198,7 @@ def comparison_table(rows: list[dict]) -> str:
     lines = [f"{s['split']} split: {s['windows']:,} of its {s['split_windows']:,} windows of {s['tokens'] // s['windows']} "
              f"tokens, spread over all of it: {s['tokens']:,} tokens scored, from {s['documents']:,} of its "
              f"{s['split_documents']:,} documents",
-             f"{'model':<34} {'params kept':>12} {'trainable':>11} {'test loss':>10} {'ppl':>9} {'gap recovered':>14}"]
+             f"{'model':<34} {'params kept':>12} {'trainable':>11} {s['split'] + ' loss':>10} {'ppl':>9} {'gap recovered':>14}"]
     for r in rows:
         lines.append(f"{r['name']:<34} {r['kept']:>12,} {r['trainable']:>11,} {r['loss']:>10.4f} "
                      f"{math.exp(min(r['loss'], 50)):>9.2f} {100 * r['gap_recovered']:>13.1f}%")

@@ -93,6 +93,7 @@ def training_flags(a) -> None:
     a("--dev-fraction", type=number, default=0.01, help="share of documents in the dev split, read by --eval-every")
     a("--test-fraction", type=number, default=0.01, help="share of documents in the test split, read by the table")
     a("--eval-windows", type=int, default=256, help="windows per evaluation, spread over the split (0: all)")
+    a("--table-split", default="test", choices=["test", "dev"], help="the final table's; dev: to tune without test")
     a("--eval-every", type=int, default=200, help="dev-split evaluation every N steps (0: never)")
     a("--log-every", type=int, default=10, help="progress line every N steps")
     a("--save-every", type=int, default=100, help="checkpoint every N steps (also at the end and on Ctrl-C)")
@@ -262,9 +263,8 @@ def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None =
     """The comparison table's rows, all on the same windows: the full model, the cut baseline, and (with `arms`)
     the trained arm at each evaluation depth (all depths in one pass)."""
     full = load_model(args.model, BASE_DTYPE[args.precision], device)
-    rows = [dict(name=f"full model ({len(full.layer_ids)} layers)", kept=count(full.parameters()), trainable=0),
-            dict(name=f"cut baseline ({len(model.base.layer_ids)} layers)", kept=count(model.base.parameters()),
-                 trainable=0)]
+    rows = [dict(name=f"{what} ({len(m.layer_ids)} layers)", kept=count(m.parameters()), trainable=0)
+            for what, m in (("full model", full), ("cut baseline", model.base))]
     for row, m in zip(rows, (full, model.base)):
         row["loss"], row["per_document"] = score(lambda x: {0: m(x)}, [0], test, args, device, row["name"])[0]
     del full
@@ -350,12 +350,12 @@ def run(args) -> int:
                       device, checkpoint, True, world, rank)
         if state["step"] < args.steps:  # stopped by --stop-after: the table comes when the run is finished
             return 0
-        rows = table_rows(model, splits["test"], args, device)
+        rows = table_rows(model, splits[args.table_split], args, device)
         tokens, seconds = state.get("samples", 0) * args.seq_len, state.get("seconds", 0.0)
         stats = dict(tokens_seen=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
                      flops_per_token=training_flops(model, splits["train"], args, device))
         if rank == 0:  # stats.json apart: results.json must not vary with the machine's speed
-            write_results(out, rows, splits["test"].coverage(args.eval_windows))
+            write_results(out, rows, splits[args.table_split].coverage(args.eval_windows) | {"split": args.table_split})
             atomic_write(out / "stats.json", lambda f: f.write_text(json.dumps(stats, indent=2)))
     except OSError as e:  # the file system's (a full disk, no permission): the user's to fix, so one line
         raise RunError(f"{e}; fix that, then start again or --resume from the last checkpoint") from None
