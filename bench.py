@@ -15,6 +15,7 @@ so background load falls on both alike. Every weight is random: speed and memory
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -36,8 +37,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 import data
 from controller import Ouroboros, OuroborosConfig, paper_split, svd_bases
 from load_qwen import load_config, load_model, load_ouroboros, save_model
-from model import PROJECTIONS, Qwen2, Qwen2Config
-from runs import count_flops
+from model import PROJECTIONS, Qwen2, Qwen2Config, rms_norm
+from runs import autocast, count_flops
 
 ROOT = Path(__file__).resolve().parent
 SEQ = 256  # tokens per sequence on CPU, batch 1
@@ -157,6 +158,70 @@ def train_step(model: Ouroboros, optimizer, x, y, depth: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The reference: Ouroboros built the way the authors' release builds it, from transformers' decoder layers, with
+# the LoRA term added by wrapping the seven projections of the looped layer and c set on the wrappers before each
+# step. The Controller, gate and step norms are copies of ours (controller.py), so the two compute one function.
+
+class WrappedProjection(nn.Module):
+    """y = W x + b + B ((A x) * c), with c stored on the module by the caller (the authors' set_diag)."""
+
+    def __init__(self, linear: nn.Linear, A: torch.Tensor, B: torch.Tensor):
+        super().__init__()
+        self.linear, self.c = linear, None
+        self.register_buffer("A", A)
+        self.register_buffer("B", B)
+
+    def forward(self, x):
+        y = self.linear(x)
+        return y if self.c is None else y + ((x @ self.A.T) * self.c) @ self.B.T
+
+
+class AuthorsWay(nn.Module):
+    def __init__(self, ours: Ouroboros, path: Path, dtype: torch.dtype):
+        super().__init__()
+        from transformers import Qwen2ForCausalLM
+        hf = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").requires_grad_(False)
+        self.hf, self.cfg, self.eps = hf, ours.cfg, hf.config.rms_norm_eps
+        layers = hf.model.layers
+        self.prelude, self.coda = [layers[i] for i in ours.prelude], [layers[i] for i in ours.coda]
+        self.recurrent = layers[ours.recurrent]
+        self.wrapped = {}
+        for k, name in PROJECTIONS.items():
+            parent, attr = name.split(".")
+            module = self.recurrent.get_submodule(parent)
+            self.wrapped[k] = WrappedProjection(getattr(module, attr), getattr(ours, f"lora_A_{k}").to(dtype),
+                                                getattr(ours, f"lora_B_{k}").to(dtype))
+            setattr(module, attr, self.wrapped[k])
+        # The trainables: copies of ours, in the checkpoint's dtype (the authors keep them in bf16 under bf16).
+        self.controller = copy.deepcopy(ours.controller).to(dtype)
+        self.gate = copy.deepcopy(ours.gate).to(dtype)
+        self.step_norm = nn.Parameter(ours.step_norm.detach().clone().to(dtype))
+
+    def forward(self, input_ids: torch.Tensor, n_steps: int) -> torch.Tensor:
+        model = self.hf.model
+        h = model.embed_tokens(input_ids)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        rope = model.rotary_emb(h, position_ids)
+        for layer in self.prelude:
+            h = layer(h, position_ids=position_ids, position_embeddings=rope)
+        count = torch.arange(1, h.shape[1] + 1, device=h.device, dtype=h.dtype)[:, None]
+        for s in range(n_steps):
+            c = self.controller(h.cumsum(dim=1) / count, s) * (self.cfg.alpha / self.cfg.rank)  # causal pool
+            for j, k in enumerate(PROJECTIONS):
+                self.wrapped[k].c = c[..., j, :]
+            h_new = rms_norm(self.recurrent(h, position_ids=position_ids, position_embeddings=rope),
+                             self.step_norm[s], self.eps)
+            g = torch.sigmoid(self.gate(torch.cat((h_new, h), dim=-1)))
+            h = g * h_new + (1 - g) * h
+        for layer in self.coda:
+            h = layer(h, position_ids=position_ids, position_embeddings=rope)
+        return self.hf.lm_head(model.norm(h))
+
+    def trainable_parameters(self) -> dict:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The CPU suite, one function per part; each returns table rows.
 
 def row(name, ours, alternative, unit, ratio=None, ratio_is="", target=None, met=None) -> dict:
@@ -214,6 +279,51 @@ def ouroboros_training(path: Path, repeats: int, flops_per_s: float) -> list[dic
     for d in depths:
         rows.append(row(f"MFU, small train step, depth {d} (vs measured fp32 matmul)", flops[d] / t[d] / flops_per_s,
                         flops_per_s / 1e9, "MFU | GFLOP/s"))
+    return rows
+
+
+# The issue's two shapes: the demo's base (d = 256, 8 layers, 2 / 4 / 2, batch 4) and Qwen2.5-0.5B's layers (12 of
+# them, 3 / 6 / 3, batch 1); depth 4, seq 256, the causal pool.
+DEMO_SHAPE = Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+                         num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32")
+QWEN_05B_12 = Qwen2Config(**{**QWEN_05B.__dict__, "num_hidden_layers": 12, "extra": {}})
+
+
+def step_with(model, optimizer, x, y, depth: int, precision: str) -> None:
+    """One training step as train.py takes it: autocast under bf16 (a no-op for a model held in bf16)."""
+    with autocast(x.device, precision):
+        loss = F.cross_entropy(model(x, depth).flatten(0, 1).float(), y.flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def authors_way_training(work: Path, repeats: int) -> list[dict]:
+    """The training step (forward, loss, backward, AdamW) of ours against the reference built the authors' way,
+    on the same weights and batch: fp32 both; bf16 as each is meant to run (ours: a bf16 base and fp32 trainables
+    under autocast; theirs: every parameter in bf16)."""
+    rows = []
+    for label, cfg, split, batch in (("d=256 8 layers 2/4/2, batch 4", DEMO_SHAPE, (2, 4, 2), 4),
+                                     ("0.5B layers x12 3/6/3, batch 1", QWEN_05B_12, (3, 6, 3), 1)):
+        path = write_random_checkpoint(cfg, work / f"authors-{cfg.num_hidden_layers}")
+        x, y = token_batch(cfg.vocab_size, batch, SEQ)
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            torch.manual_seed(0)
+            ours = load_ouroboros(path, OuroborosConfig(*split), dtype).train()
+            with torch.no_grad():  # trained-looking values: no multiplication by the initial zeros
+                nn.init.normal_(ours.controller.heads.weight, std=0.02)
+                nn.init.normal_(ours.gate.weight, std=0.01)
+            theirs = AuthorsWay(ours, path, dtype).train()
+            optimizers = {k: torch.optim.AdamW(m.trainable_parameters().values(), lr=1e-5, betas=(0.9, 0.95))
+                          for k, m in (("ours", ours), ("theirs", theirs))}
+            steps = {"ours": lambda: step_with(ours, optimizers["ours"], x, y, 4, precision),
+                     "theirs": lambda: step_with(theirs, optimizers["theirs"], x, y, 4, "fp32")}
+            t = median_seconds(steps, repeats)
+            rows.append(row(f"train step {label}, depth 4, {precision} (alt: the authors' way)",
+                            batch * SEQ / t["ours"], batch * SEQ / t["theirs"], "tok/s", t["theirs"] / t["ours"],
+                            "ours/theirs speed", ">= 1.15", t["theirs"] >= 1.15 * t["ours"]))
+            del ours, theirs, optimizers
+            gc.collect()
     return rows
 
 
