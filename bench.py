@@ -2,7 +2,9 @@
 
 `python bench.py` runs the CPU suite (a few minutes) and prints one table:
   1. our Qwen2 against transformers' Qwen2ForCausalLM (sdpa), fp32: forward and forward+backward tokens/s;
-  2. the Ouroboros training step at depth 1, 4, 8, and one recurrence step against one plain decoder layer;
+  2. the Ouroboros training step against the same model built the authors' way (transformers' decoder layers,
+     the LoRA term in wrapped projections), fp32 and bf16, eager and --compile; at depth 1, 4, 8; and one
+     recurrence step against one plain decoder layer;
   3. activation memory of a training step at depth 1..16, with and without checkpoint_steps;
   4. loading a Qwen2.5-0.5B-shaped checkpoint into Ouroboros (SVD bases included) against from_pretrained;
   5. model FLOP utilisation of the training step against this machine's measured matmul rate;
@@ -316,13 +318,16 @@ def authors_way_training(work: Path, repeats: int) -> list[dict]:
             theirs = AuthorsWay(ours, path, dtype).train()
             optimizers = {k: torch.optim.AdamW(m.trainable_parameters().values(), lr=1e-5, betas=(0.9, 0.95))
                           for k, m in (("ours", ours), ("theirs", theirs))}
+            compiled = torch.compile(ours)  # train.py --compile; it compiles during the warm-up round
             steps = {"ours": lambda: step_with(ours, optimizers["ours"], x, y, 4, precision),
+                     "compiled": lambda: step_with(compiled, optimizers["ours"], x, y, 4, precision),
                      "theirs": lambda: step_with(theirs, optimizers["theirs"], x, y, 4, "fp32")}
             t = median_seconds(steps, repeats)
-            rows.append(row(f"train step {label}, depth 4, {precision} (alt: the authors' way)",
-                            batch * SEQ / t["ours"], batch * SEQ / t["theirs"], "tok/s", t["theirs"] / t["ours"],
-                            "ours/theirs speed", ">= 1.15", t["theirs"] >= 1.15 * t["ours"]))
-            del ours, theirs, optimizers
+            for what, name in (("ours", f"train step {label}, depth 4, {precision} (alt: the authors' way)"),
+                               ("compiled", "  same, ours with --compile (torch.compile; theirs as released)")):
+                rows.append(row(name, batch * SEQ / t[what], batch * SEQ / t["theirs"], "tok/s", t["theirs"] / t[what],
+                                "ours/theirs speed", ">= 1.15", t["theirs"] >= 1.15 * t[what]))
+            del ours, theirs, compiled, optimizers
             gc.collect()
     return rows
 
@@ -558,6 +563,8 @@ def cpu_suite(args) -> list[dict]:
         progress("Qwen2, 0.5B shapes")
         rows += qwen2_vs_transformers("0.5B shapes, seq 256", qwen05, args.repeats)
         gc.collect()
+        progress("Ouroboros training step, against the authors' way")
+        rows += authors_way_training(work, args.repeats)
         progress("Ouroboros training step")
         rows += ouroboros_training(small, args.repeats, rate)
         progress("recurrence step overhead, 3B shapes")
@@ -658,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         header.append(f"MFU assumes a bf16 peak of {args.peak_flops / 1e12:.0f} TFLOP/s (--peak-flops)")
     else:
         header += [
-            "Speed: ours and the alternative side by side in one process, medians of interleaved repeats. Batch 1.",
+            "Speed: ours and the alternative side by side in one process, medians of interleaved repeats; batch 1",
+            "unless a row says otherwise. The authors' way: transformers' Qwen2DecoderLayers, LoRA in wrapped projections.",
             "Memory and loading: each measurement in a fresh process. Activation memory = peak RSS of one training",
             "step (ru_maxrss) minus the RSS just before it; ours = checkpoint_steps on, alternative = off; run with",
             "MALLOC_MMAP_THRESHOLD_=65536 so that RSS follows live tensors (glibc's default: the row below them).",

@@ -33,7 +33,7 @@ CHECKPOINT = "checkpoint.safetensors"
 # precision); "out": a run directory may be moved; "token_cache": the cache is keyed by content.
 RESUME_FREE = {"resume", "overwrite", "out", "log_every", "save_every", "eval_every", "device", "precision",
                "stop_after", "sample", "eval_only", "max_new_tokens", "temperature", "top_k", "token_cache",
-               "score_depths", "eval_pool", "compare"}
+               "score_depths", "eval_pool", "compare", "compile"}
 
 
 class RunError(Exception):
@@ -371,6 +371,11 @@ def resume(checkpoint: tuple[dict, dict], out: Path, params: dict, optimizer, ra
         rewrite_log(out, state["step"])
         print(f"resuming at step {state['step']}")
     return state
+
+
+def print_counter(what: str, done: int, total: int, unit: str) -> None:
+    # one line, rewritten in place on stderr, ended when done reaches total
+    print(f"\r{what}: {done}/{total} {unit}", end="\n" if done == total else "", file=sys.stderr, flush=True)
 
 
 def print_progress(record: dict, steps: int, done: int, tokens: int, t0: float) -> None:

@@ -31,7 +31,7 @@ from load_qwen import CheckpointError, atomic_write, load_config, load_model, lo
 from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals, agree, all_mean, all_sum, autocast, check_flags,
                   check_out_dir, check_resume, check_same_model, clip_gradients, compare, count_flops, flag_names, fmt_time, number,
                   init_distributed, log_line, pick_device, read_checkpoint, read_run_config, resolve_precision,
-                  print_progress, restore, resume, skip_update, start_run, world_rank, write_results)
+                  print_counter, print_progress, restore, resume, skip_update, start_run, world_rank, write_results)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora-rank", type=int, default=8, help="the adapters' rank")
     a("--lora-alpha", type=number, default=16.0, help="the adapters' delta is scaled by alpha / rank")
     a("--checkpoint-steps", action="store_true", help="recompute each recurrent step in backward (less memory)")
+    a("--compile", action="store_true", help="torch.compile the training forward (each depth compiles at its first step)")
     training_flags(a)
     # using finished runs
     a("--eval-only", action="store_true", help="recompute the comparison table of the run in --out")
@@ -239,8 +240,7 @@ def score(forward, keys, split: Windows, args, device, what: str | None = None) 
                 sums[key].index_add_(0, doc, loss)
         count.index_add_(0, doc, torch.ones_like(doc, dtype=count.dtype))
         if what and rank == 0:
-            print(f"\revaluating {what}: {n + 1}/{len(mine)} batches", end="\n" if n + 1 == len(mine) else "",
-                  file=sys.stderr, flush=True)
+            print_counter(f"evaluating {what}", n + 1, len(mine), "batches")
     count = all_sum(count, world)
     sums = {key: all_sum(s, world) for key, s in sums.items()}
     per_doc = lambda s: [None if n == 0 else v for v, n in zip((s / count).tolist(), count.tolist())]  # noqa: E731
@@ -260,8 +260,7 @@ def count(params) -> int:
 
 
 def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None = None, arms=True) -> list[dict]:
-    """The comparison table's rows, all on the same windows: the full model, the cut baseline, and (with `arms`)
-    the trained arm at each evaluation depth (all depths in one pass)."""
+    """The table's rows, on the same windows: full model, cut baseline, and (with `arms`) the arm at each depth."""
     full = load_model(args.model, BASE_DTYPE[args.precision], device)
     rows = [dict(name=f"{what} ({len(m.layer_ids)} layers)", kept=count(m.parameters()), trainable=0)
             for what, m in (("full model", full), ("cut baseline", model.base))]
@@ -346,7 +345,8 @@ def run(args) -> int:
             print(f"{arm_name(args)}: {count(model.trainable_parameters().values()):,} trainable parameters, layers "
                   f"{model.prelude} + [{model.recurrent}] x depth + {model.coda}; {splits['train'].n:,} training "
                   f"windows of {args.seq_len} tokens")
-        state = train(lambda x, depth: model(x, depth), model.train(), splits["train"], splits["dev"], args, out,
+        forward = torch.compile(model) if args.compile else model  # fuses the elementwise work between matmuls
+        state = train(lambda x, depth: forward(x, depth), model.train(), splits["train"], splits["dev"], args, out,
                       device, checkpoint, True, world, rank)
         if state["step"] < args.steps:  # stopped by --stop-after: the table comes when the run is finished
             return 0
