@@ -327,8 +327,6 @@ def authors_way_training(work: Path, repeats: int) -> list[dict]:
                                ("compiled", "  same, ours with --compile (torch.compile; theirs as released)")):
                 rows.append(row(name, batch * SEQ / t[what], batch * SEQ / t["theirs"], "tok/s", t["theirs"] / t[what],
                                 "ours/theirs speed", ">= 1.15", t["theirs"] >= 1.15 * t[what]))
-            del ours, theirs, compiled, optimizers
-            gc.collect()
     return rows
 
 

@@ -24,7 +24,7 @@ import torch
 
 import train
 from controller import ConfigError, Ouroboros
-from data import DataError, data_files, splits as data_splits, token_cache
+from data import DataError, splits as data_splits, token_cache
 from demo import DEMO_ARM, DEMO_PRETRAIN, demo_base
 from load_qwen import CheckpointError, atomic_write, load_config, load_tokenizer
 from model import PROJECTIONS, Qwen2
@@ -521,7 +521,7 @@ def write_report(out: Path, protocol: dict, runs: dict, timing: dict, command: s
     pictures = figures(groups, results, curves, full, cut, res)
     done = sum(1 for name, (_, evals) in runs.items() if finished(res / "runs" / name, evals))
     scored = first["rows"][0]
-    lines = [f"# Results: the paper's claims, re-measured on held-out text", "",
+    lines = ["# Results: the paper's claims, re-measured on held-out text", "",
              f"Written by `{command}` from the run directories in `results/runs/` ({done} of {len(runs)} runs "
              f"finished{'' if done == len(runs) else ': the grid is not complete, every number below is from the runs that are'}). "
              f"Every loss is the next-token loss on the **test** split, in fp32, at the final step of each run: "

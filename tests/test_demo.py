@@ -1,32 +1,23 @@
 """The demo path (`python train.py` with no --model), shortened: a few stdlib files, a few steps."""
 import json
-import shutil
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import tiny  # noqa: F401  (puts the project on sys.path)
+import tiny  # (also puts the project on sys.path)
 import data
 import demo
 import train
 from load_qwen import load_model, load_tokenizer
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-FILES = ["abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "glob.py", "heapq.py", "keyword.py",
-         "linecache.py", "numbers.py", "opcode.py", "operator.py", "queue.py", "random.py", "sched.py",
-         "shlex.py", "string.py", "textwrap.py", "token.py", "types.py", "uu.py", "weakref.py"]
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name in FILES:
-        shutil.copy(STDLIB / name, corpus / name)
+    corpus = tiny.stdlib_corpus(root / "corpus")
     mp = pytest.MonkeyPatch()
     mp.setenv("XDG_CACHE_HOME", str(root / "cache"))
     argv = ["--data", str(corpus), "--out", str(root / "run"), "--pretrain-steps", "3", "--steps", "2",

@@ -2,31 +2,22 @@
 and the statistics against hand computations."""
 import json
 import re
-import shutil
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import tiny  # noqa: F401  (puts the project on sys.path)
+import tiny  # (also puts the project on sys.path)
 import study
 import train
 from runs import RunError
 
-STDLIB = Path(sysconfig.get_paths()["stdlib"])
-FILES = ["abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "glob.py", "heapq.py", "keyword.py",
-         "linecache.py", "numbers.py", "opcode.py", "operator.py", "queue.py", "random.py", "sched.py",
-         "shlex.py", "string.py", "textwrap.py", "token.py", "types.py", "weakref.py"]
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("study")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name in FILES:
-        shutil.copy(STDLIB / name, corpus / name)
+    corpus = tiny.stdlib_corpus(root / "corpus")
     argv = ["--quick", "--data", str(corpus), "--out", str(root / "out"), "--device", "cpu"]
     assert study.main(argv) == 0
     return root / "out", argv

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import sysconfig
 from pathlib import Path
 
 import torch
@@ -56,4 +58,20 @@ def make_checkpoint(path, cfg: Qwen2Config | None = None, seed: int = 0, dtype: 
             save_file(part, str(path / name), metadata={"format": "pt"})
             weight_map.update({k: name for k in part})
         (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
+# A few standard-library files: a small corpus of real text for the demo's and the study's chain.
+STDLIB_FILES = ["abc.py", "bisect.py", "colorsys.py", "copy.py", "fnmatch.py", "glob.py", "heapq.py", "keyword.py",
+                "linecache.py", "numbers.py", "opcode.py", "operator.py", "queue.py", "random.py", "sched.py",
+                "shlex.py", "string.py", "textwrap.py", "token.py", "types.py", "uu.py", "weakref.py"]
+
+
+def stdlib_corpus(path) -> Path:
+    """A directory holding STDLIB_FILES (those this Python has), one document per file."""
+    stdlib, path = Path(sysconfig.get_paths()["stdlib"]), Path(path)
+    path.mkdir(parents=True)
+    for name in STDLIB_FILES:
+        if (stdlib / name).is_file():
+            shutil.copy(stdlib / name, path / name)
     return path
