@@ -7,7 +7,7 @@
 
 Read top to bottom: the protocol (fixed before any arm trains), the base and the rule that picks its cut, the
 learning-rate pilots, the grid, running it, then the statistics, the verdicts, and RESULTS.md with its figures.
-Every run is an ordinary train.py run in OUT/results/<name>; a finished one (its results file exists) is never
+Every run is an ordinary train.py run in OUT/results/runs/<name>; a finished one (its results files exist) is never
 trained again, an interrupted one resumes from its checkpoint.
 """
 from __future__ import annotations
@@ -455,6 +455,19 @@ def leak_lines(groups: dict, dynamic: dict | None) -> list[str]:
     return lines
 
 
+def length_lines(groups: dict) -> list[str]:
+    """The main arms' seed-0 losses at the grid's length and 4x it, ranked, so that a flipped ranking shows."""
+    loss = lambda group: groups[group][0]["rows"][2]["loss"] if 0 in groups.get(group, {}) else None  # noqa: E731
+    pairs = {arm: (loss(arm), loss(f"{arm}-long")) for arm in LONG}
+    if any(None in p for p in pairs.values()):
+        return ["Not measured yet.", ""]
+    rank = lambda i: " < ".join(ARMS[a][0] for a in sorted(pairs, key=lambda a: pairs[a][i]))  # noqa: E731
+    return table(["arm (depth 4, seed 0)", "1x", "4x"], [[ARMS[a][0], f"{x:.4f}", f"{y:.4f}"]
+                                                       for a, (x, y) in pairs.items()]) + [
+        "", f"Ranked by test loss, lowest first: at 1x {rank(0)}; at 4x {rank(1)}"
+        f"{' (the same order)' if rank(0) == rank(1) else ' (the order changes with training length)'}.", ""]
+
+
 def figures(groups: dict, results: dict, curves: dict, full: float, cut: float, where: Path) -> list[str]:
     if plt is None:
         raise RunError("the study's figures need matplotlib: pip install -r requirements-dev.txt")
@@ -538,7 +551,10 @@ def write_report(out: Path, protocol: dict, runs: dict, timing: dict, command: s
     lines += protocol_lines(protocol, groups, timing)
     lines += ["## Every arm", "", f"Full model {full:.4f}, cut baseline {cut:.4f}: the cut costs {gap:.4f} nats on "
               "test. gap recovered = (cut - arm) / (cut - full), on the same tokens. trainable: parameters allocated; "
-              "used: those a forward at the training depth reads (unused step rows excluded).", ""]
+              "used: those a forward at the training depth reads (unused step rows excluded). Training FLOPs: matmul "
+              "and attention FLOPs of forward and backward (torch.utils.flop_counter) times the tokens seen. "
+              "tokens/s: training only, on the machine that ran the study, which other work sometimes shared: "
+              "it says what a run cost there, not how fast an arm is.", ""]
     lines += arm_table({g: s for g, s in groups.items()}, full, cut)
     lines += ["", "## Comparisons", "", f"A - B per seed (negative: A is better), their mean, and a 95% interval of the "
               f"mean from {RESAMPLES} resamples of test documents (each resample the same for every seed, keeping the "
@@ -555,6 +571,7 @@ def write_report(out: Path, protocol: dict, runs: dict, timing: dict, command: s
                     ["8", "5.080", "5.119", "not trained", "not trained"]])
     lines += ["", "## The leak: the whole-sequence mean pool", ""] + leak_lines(groups, groups.get("dynamic", {}).get(0))
     lines += ["", "## Depth: runs trained at depth 1 or 4, evaluated at other depths", "", *depth_lines, ""]
+    lines += ["## Training length: the three main arms trained 4x longer (seed 0)", ""] + length_lines(groups)
     lines += ["## Figures", ""] + [f"![{p}](results/{p})" for p in pictures]
     atomic_write(out / "RESULTS.md", lambda f: f.write_text("\n".join(lines) + "\n"))
     print(f"wrote {out / 'RESULTS.md'} and {len(pictures)} figures in {res}")
