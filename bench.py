@@ -152,11 +152,7 @@ def small_ouroboros(path: Path, checkpoint_steps: bool = False):
 
 def train_step(model: Ouroboros, optimizer, x, y, depth: int) -> None:
     # bf16 autocast on GPU; fp32 on CPU, so the CPU rows compare against the fp32 matmul rate.
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.is_cuda):
-        loss = F.cross_entropy(model(x, depth).flatten(0, 1), y.flatten())
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    step_with(model, optimizer, x, y, depth, "bf16" if x.is_cuda else "fp32")
 
 
 # ----------------------------------------------------------------------------------------------------------

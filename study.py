@@ -689,7 +689,10 @@ def main(argv: list[str] | None = None) -> int:
         opts = p.parse_args(argv)
         if opts.model and (opts.data is None or opts.out == "."):
             raise RunError("--model needs --data (the text to train and score on) and --out (a directory of its own)")
-        opts.pretrain_steps = opts.pretrain_steps or (QUICK_PRETRAIN_STEPS if opts.quick else PRETRAIN_STEPS)
+        if opts.pretrain_steps is None:
+            opts.pretrain_steps = QUICK_PRETRAIN_STEPS if opts.quick else PRETRAIN_STEPS
+        if opts.pretrain_steps < 1:
+            raise RunError(f"--pretrain-steps {opts.pretrain_steps} is invalid; pass a value >= 1")
         opts.ladder = parse_ladder(opts.ladder) if opts.ladder else None
         return study(opts)
     except (RunError, DataError, CheckpointError, ConfigError) as e:
