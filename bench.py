@@ -39,19 +39,19 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 import data
 from controller import Ouroboros, OuroborosConfig, paper_split, svd_bases
 from load_qwen import load_config, load_model, load_ouroboros, save_model
-from model import PROJECTIONS, Qwen2, Qwen2Config, rms_norm
+from model import PROJECTIONS, Decoder, DecoderConfig, rms_norm
 from runs import autocast, count_flops
 
 ROOT = Path(__file__).resolve().parent
 SEQ = 256  # tokens per sequence on CPU, batch 1
 # ~25M parameters, 19M of them the tied embedding; 8 layers, so the paper's split is 2 / 4 / 2.
-SMALL = Qwen2Config(vocab_size=32768, hidden_size=384, intermediate_size=1024, num_hidden_layers=8,
+SMALL = DecoderConfig(vocab_size=32768, hidden_size=384, intermediate_size=1024, num_hidden_layers=8,
                     num_attention_heads=6, num_key_value_heads=2, torch_dtype="float32")
-QWEN_05B = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+QWEN_05B = DecoderConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                        num_attention_heads=14, num_key_value_heads=2, torch_dtype="bfloat16")
-QWEN_3B = Qwen2Config(torch_dtype="bfloat16")  # the config defaults are Qwen2.5-3B's
+QWEN_3B = DecoderConfig(torch_dtype="bfloat16")  # the config defaults are Qwen2.5-3B's
 # For warm-up loads: a few KiB.
-TINY = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+TINY = DecoderConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=2, torch_dtype="bfloat16")
 
 
@@ -105,12 +105,12 @@ def matmul_flops_per_s(n: int = 2048, repeats: int = 5, device="cpu", dtype=torc
 # ----------------------------------------------------------------------------------------------------------
 # Models, checkpoints and the training step
 
-def write_random_checkpoint(cfg: Qwen2Config, path: Path, shards: int = 2, device="cpu") -> Path:
+def write_random_checkpoint(cfg: DecoderConfig, path: Path, shards: int = 2, device="cpu") -> Path:
     """A Hugging Face-layout checkpoint of random weights in cfg.torch_dtype, as `shards` safetensors files
     plus model.safetensors.index.json, like the released Qwen2.5 checkpoints."""
     dtype = getattr(torch, cfg.torch_dtype)
     with torch.device("meta"):
-        model = Qwen2(cfg)
+        model = Decoder(cfg)
     generator = torch.Generator(device).manual_seed(0)
     state = {}
     for key, p in model.state_dict().items():
@@ -282,9 +282,9 @@ def ouroboros_training(path: Path, repeats: int, flops_per_s: float) -> list[dic
 
 # The issue's two shapes: the demo's base (d = 256, 8 layers, 2 / 4 / 2, batch 4) and Qwen2.5-0.5B's layers (12 of
 # them, 3 / 6 / 3, batch 1); depth 4, seq 256, the causal pool.
-DEMO_SHAPE = Qwen2Config(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
+DEMO_SHAPE = DecoderConfig(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=8,
                          num_attention_heads=4, num_key_value_heads=2, torch_dtype="float32")
-QWEN_05B_12 = Qwen2Config(**{**QWEN_05B.__dict__, "num_hidden_layers": 12, "extra": {}})
+QWEN_05B_12 = DecoderConfig(**{**QWEN_05B.__dict__, "num_hidden_layers": 12, "extra": {}})
 
 
 def step_with(model, optimizer, x, y, depth: int, precision: str) -> None:
@@ -330,7 +330,7 @@ def recurrence_step_overhead(repeats: int) -> list[dict]:
     """One recurrence step (Controller, modulated layer, step norm, gate) against one plain decoder layer, at
     Qwen2.5-3B's layer shapes (one layer, random weights, batch 1)."""
     torch.manual_seed(0)
-    base = Qwen2(Qwen2Config(vocab_size=64, num_hidden_layers=1, torch_dtype="float32"))
+    base = Decoder(DecoderConfig(vocab_size=64, num_hidden_layers=1, torch_dtype="float32"))
     cfg = OuroborosConfig(n_prelude=0, recurrent_layer=0, n_coda=0)
     layer = base.layer(0)
     bases = {}

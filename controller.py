@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model import PROJECTIONS, KVCache, Modulation, Qwen2, rms_norm, sampling_loop
+from model import PROJECTIONS, KVCache, Modulation, Decoder, rms_norm, sampling_loop
 
 
 class ConfigError(ValueError):
@@ -146,7 +146,7 @@ class Adapters(nn.Module):
     usual initialisation (A random, B = 0), so at the start the model is exactly the one without adapters. The
     delta goes through model.project like the Controller's, and is the same at every recurrent step."""
 
-    def __init__(self, base: Qwen2, layers: list[int], rank: int, alpha: float):
+    def __init__(self, base: Decoder, layers: list[int], rank: int, alpha: float):
         super().__init__()
         self.scale = alpha / rank
         self.layers = nn.ModuleDict()
@@ -186,7 +186,7 @@ class RecurrentCache:
 
 
 class Ouroboros(nn.Module):
-    def __init__(self, base: Qwen2, cfg: OuroborosConfig, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, base: Decoder, cfg: OuroborosConfig, bases: dict[str, tuple[torch.Tensor, torch.Tensor]]):
         super().__init__()
         self.cfg = cfg
         qcfg = base.cfg

@@ -1,8 +1,8 @@
 """Data: documents -> token streams (train, dev, test) -> windows of seq_len + 1 tokens.
 
-Documents are read as a stream (a .jsonl line by line, .gz through gzip), given a split by a hash of their
-content, tokenised in chunks straight into uint32 files, and written once to a token cache that every run
-and every process memory-maps. Also the demo's corpus (the standard library's source) and its BPE.
+Documents are read as a stream (a .jsonl line by line, .gz through gzip, a .parquet one record batch at a
+time), given a split by a hash of their content, tokenised in chunks straight into uint32 files, and written
+once to a token cache that every run and every process memory-maps. Also the demo's corpus (the standard library's source) and its BPE.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def stdlib_files() -> tuple[Path, list[Path]]:
 
 def check_data_path(path) -> None:
     if path is not None and not str(path).strip():
-        raise DataError("--data is empty (an unset shell variable?); pass a text file, a directory or a .jsonl")
+        raise DataError("--data is empty (an unset shell variable?); pass a text file, a directory, a .jsonl or a .parquet")
 
 
 def data_files(path) -> tuple[Path, list[Path]]:
@@ -67,7 +67,7 @@ def data_files(path) -> tuple[Path, list[Path]]:
                             and not any(part.startswith(".") for part in f.relative_to(path).parts))
     if path.is_file():
         return path.parent, [path]
-    raise DataError(f"{path}: no such file or directory; pass --data a text file, a directory or a .jsonl")
+    raise DataError(f"{path}: no such file or directory; pass --data a text file, a directory, a .jsonl or a .parquet")
 
 
 def text_lines(file: Path) -> Iterator[str]:
@@ -110,15 +110,42 @@ def paragraphs(file: Path) -> Iterator[Doc]:
         yield Doc(f"{file.name}, paragraph {n}", "".join(lines).rstrip("\n"))
 
 
+def parquet_documents(file: Path) -> Iterator[Doc]:
+    """A parquet file's rows: its 'text' column and optional 'id' (FineWeb-Edu's layout), read one record batch
+    at a time so memory stays flat whatever the file's size. pyarrow is needed only here."""
+    try:
+        import pyarrow.parquet as pq  # optional: only a parquet --data needs it
+    except ImportError:
+        raise DataError(f"{file}: reading parquet needs pyarrow; pip install pyarrow") from None
+    try:
+        reader = pq.ParquetFile(file)
+        columns = reader.schema_arrow.names
+        if "text" not in columns:
+            raise DataError(f"{file}: no 'text' column (it has {', '.join(columns[:8])}); pass a parquet file with "
+                            "the documents in a string column named 'text'")
+        n = 0
+        for batch in reader.iter_batches(batch_size=1024, columns=["text"] + (["id"] if "id" in columns else [])):
+            ids = batch.column("id").to_pylist() if "id" in columns else [None] * batch.num_rows
+            for text, doc_id in zip(batch.column("text").to_pylist(), ids):
+                n += 1
+                if not isinstance(text, str):
+                    raise DataError(f"{file}: row {n}: 'text' is {text!r}, not a string; every row needs its text")
+                yield Doc(f"{file.name}:{n}", text, None if doc_id is None else str(doc_id))
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowIOError derive from these
+        raise DataError(f"{file}: not a readable parquet file ({e}); pass a parquet file with a 'text' column") from None
+
+
 def read_documents(path) -> Iterator[Doc]:
     """Documents, one at a time, from a text file (split at blank lines), a directory (one file each, or the
-    records of its .jsonl files), or a .jsonl. None means the demo corpus."""
+    records of its .jsonl and .parquet files), a .jsonl or a .parquet. None means the demo corpus."""
     root, files = data_files(path)
     for f in files:
         if path is None:  # the standard library holds a few files that are not UTF-8; read them as best we can
             yield Doc(str(f.relative_to(root)), f.read_text(errors="replace"))
         elif f.name.endswith((".jsonl", ".jsonl.gz")):
             yield from jsonl_documents(f)
+        elif f.suffix == ".parquet":
+            yield from parquet_documents(f)
         elif Path(path).is_dir():
             yield Doc(str(f.relative_to(root)), "".join(text_lines(f)))
         else:
@@ -140,7 +167,10 @@ def source_digest(path) -> str:
     for f in files:
         h.update(f"\0{f.relative_to(root)}\0{f.stat().st_size}\0".encode())
         with open(f, "rb") as fh:
-            h.update(hashlib.file_digest(fh, "sha256").digest())
+            digest = hashlib.sha256()  # (hashlib.file_digest would do this, from Python 3.11 on)
+            while block := fh.read(1 << 20):
+                digest.update(block)
+            h.update(digest.digest())
     return h.hexdigest()
 
 

@@ -16,7 +16,7 @@ import torch
 
 from data import Windows, demo_tokenizer, eos_token_id, locked, source_digest, token_streams, windows_for
 from load_qwen import save_model
-from model import Qwen2, Qwen2Config
+from model import Decoder, DecoderConfig
 from runs import CHECKPOINT, RunError, read_checkpoint
 
 DEMO_BASE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
@@ -58,9 +58,9 @@ def pretrain(args, tokenizer, cache: Path, base_dir: Path, device, train) -> Non
     # A --pretrain-steps shorter than the recipe's warmup (the tests' few steps) warms up over all of them.
     pargs = argparse.Namespace(**{**vars(args), **DEMO_PRETRAIN, "steps": args.pretrain_steps, "eval_every": 0,
                                   "stop_after": None, "warmup": min(DEMO_PRETRAIN["warmup"], args.pretrain_steps)})
-    cfg = Qwen2Config(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=pargs.seq_len, **DEMO_BASE)
+    cfg = DecoderConfig(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=pargs.seq_len, **DEMO_BASE)
     torch.manual_seed(pargs.seed)
-    model = Qwen2(cfg).to(device).train()
+    model = Decoder(cfg).to(device).train()
     (run_dir := base_dir / "pretrain").mkdir(parents=True, exist_ok=True)
     print(f"pretraining the demo base: Qwen2 with {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, {pargs.steps} steps (cached for later runs)")

@@ -1,5 +1,5 @@
-"""Reads and writes Hugging Face-layout Qwen2 directories directly: config.json, safetensors shards,
-tokenizer.json. No transformers.
+"""Reads and writes Hugging Face-layout checkpoint directories of Qwen2 / Qwen2.5, Llama and Qwen3 directly:
+config.json, safetensors shards, tokenizer.json. No transformers. A hub id is resolved to such a directory first.
 
 Tensors are read lazily with `safe_open` (memory-mapped), so loading some layers never reads the others.
 Loading is strict: every checkpoint tensor is used or deliberately skipped, every parameter is filled,
@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from controller import ConfigError, Ouroboros, svd_bases
-from model import PROJECTIONS, Qwen2, Qwen2Config
+from model import PROJECTIONS, Decoder, DecoderConfig
 
 LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.")
 
@@ -33,9 +36,39 @@ class CheckpointError(Exception):
 
 def _check_dir(path: Path) -> Path:
     if not path.is_dir():
-        raise CheckpointError(f"{path}: no such directory; pass the directory of a Qwen2/Qwen2.5 checkpoint "
+        raise CheckpointError(f"{path}: no such directory; pass a checkpoint directory "
                               "(the one holding config.json and *.safetensors)")
     return path
+
+
+# A hub id is owner/name; anything else (or an existing path) is a directory.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# What a run reads from a hub repository: never the other formats (.bin, .gguf, .onnx) repositories also hold.
+HUB_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json"]
+
+
+def resolve_model(name: str) -> Path:
+    """--model: a checkpoint directory, or a hub id (Qwen/Qwen3-0.6B) resolved through huggingface_hub to its
+    snapshot in the user's cache (downloading only HUB_FILES, once; HF_HUB_OFFLINE=1 reads the cache alone)."""
+    path = Path(name).expanduser()
+    if path.exists() or not HUB_ID.fullmatch(name):
+        return path
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except GatedRepoError:
+        raise CheckpointError(f"--model {name}: the repository is gated; accept its terms on the hub and log in "
+                              "(hf auth login), or pass a local directory") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"--model {name}: no such directory, and no such repository on the hub (or it is "
+                              "private: log in with hf auth login)") from None
+    except LocalEntryNotFoundError:
+        how = "HF_HUB_OFFLINE is set" if hub_constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise CheckpointError(f"--model {name}: not in the Hugging Face cache ({hub_constants.HF_HUB_CACHE}) and {how}; "
+                              f"download it on a machine with a network (hf download {name}) into that cache, "
+                              "or pass a checkpoint directory") from None
+    except OSError as e:  # the cache cannot be written, the connection broke mid-download
+        raise CheckpointError(f"--model {name}: could not fetch it from the hub ({e}); try again, or pass a "
+                              "checkpoint directory") from None
 
 
 def _read_json(file: Path) -> dict:
@@ -50,48 +83,95 @@ def _read_json(file: Path) -> dict:
     return data
 
 
-def load_config(path) -> Qwen2Config:
+# The families this decoder reads, with the transformers class that writes and reads the same files.
+FAMILIES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+SUPPORTED = "qwen2 (Qwen2, Qwen2.5), llama (Llama 2, 3, 3.1, 3.2, SmolLM2) or qwen3 (dense Qwen3)"
+
+
+def _positive(file: Path, key: str, v, kind=(int, float)):
+    if not isinstance(v, kind) or isinstance(v, bool) or not v > 0:
+        what = "a positive integer" if kind is int else "a positive number"
+        raise CheckpointError(f"{file}: {key} must be {what}, found {v!r}")
+    return v
+
+
+def _rope(file: Path, raw: dict) -> tuple[float, dict | None]:
+    """rope_theta and the scaling dict, from either spelling: the older top-level rope_theta / rope_scaling, or
+    the newer rope_parameters (theta and scaling in one dict)."""
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or params
+    field = "rope_scaling" if raw.get("rope_scaling") else "rope_parameters"
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    theta = raw.get("rope_theta", params.get("rope_theta", DecoderConfig.rope_theta))
+    if scaling.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError(f"{file}: partial_rotary_factor is not supported; every dimension of a head must rotate")
+    if kind == "default":
+        return theta, None
+    needs = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}.get(kind)
+    if needs is None:
+        raise CheckpointError(f"{file}: {field} type {kind!r} is not supported; only plain RoPE, 'llama3' and "
+                              "'linear' scaling are")
+    for key in needs:
+        _positive(file, f"{field}.{key}", scaling.get(key))
+    kept = {"rope_type": kind} | {k: scaling[k] for k in needs}
+    if kind == "llama3":  # absent: transformers takes max_position_embeddings, and so do we
+        context = scaling.get("original_max_position_embeddings", raw.get("max_position_embeddings"))
+        kept["original_max_position_embeddings"] = _positive(file, f"{field}.original_max_position_embeddings", context, int)
+        if kept["high_freq_factor"] <= kept["low_freq_factor"]:
+            raise CheckpointError(f"{file}: {field}.high_freq_factor must exceed low_freq_factor")
+    return theta, kept
+
+
+def load_config(path) -> DecoderConfig:
     path = _check_dir(Path(path))
     file = path / "config.json"
     raw = _read_json(file)
-    if raw.get("model_type") != "qwen2":
-        raise CheckpointError(f"{file}: model_type is {raw.get('model_type')!r}, expected 'qwen2'; "
-                              "only Qwen2 / Qwen2.5 checkpoints are supported")
-    # Qwen2.5 files put rope_theta at the top level; recent transformers write rope_parameters.rope_theta.
-    rope = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default" or scaling.get("type", scaling.get("rope_type", "default")) != "default":
-        raise CheckpointError(f"{file}: RoPE scaling is not supported; use a checkpoint with plain RoPE")
-    if raw.get("use_sliding_window"):
-        raise CheckpointError(f"{file}: sliding-window attention is not supported; set use_sliding_window to false")
+    family = raw.get("model_type")
+    if family not in FAMILIES:
+        raise CheckpointError(f"{file}: model_type is {family!r}; supported: {SUPPORTED}")
+    for key in ("num_experts", "num_local_experts", "n_routed_experts"):
+        if raw.get(key):
+            raise CheckpointError(f"{file}: {key} is {raw[key]!r}: mixture-of-experts models are not supported")
+    if raw.get("use_sliding_window") or "sliding_attention" in (raw.get("layer_types") or []):
+        key = "use_sliding_window" if raw.get("use_sliding_window") else "layer_types"
+        raise CheckpointError(f"{file}: {key} switches on sliding-window attention, which is not supported; "
+                              "use a checkpoint with full attention in every layer")
     if raw.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{file}: hidden_act {raw['hidden_act']!r} is not supported (Qwen2 uses 'silu')")
+        raise CheckpointError(f"{file}: hidden_act {raw['hidden_act']!r} is not supported (all three families use 'silu')")
     values = dict(raw)
-    values["rope_theta"] = raw.get("rope_theta", rope.get("rope_theta", Qwen2Config.rope_theta))
+    values["rope_theta"], values["rope_scaling"] = _rope(file, raw)
     values["torch_dtype"] = raw.get("torch_dtype", raw.get("dtype", "float32"))
     if not isinstance(getattr(torch, str(values["torch_dtype"]), None), torch.dtype):
         raise CheckpointError(f"{file}: torch_dtype {values['torch_dtype']!r} is not a torch dtype")
     if values.get("num_key_value_heads") is None:  # absent or null: no GQA (transformers maps null the same way)
         values["num_key_value_heads"] = raw.get("num_attention_heads")
-    values.setdefault("tie_word_embeddings", False)  # transformers' default for qwen2 when the key is absent
-    names = {f.name for f in dataclasses.fields(Qwen2Config)} - {"extra"}
+    if values.get("head_dim") is None and family == "qwen3":
+        values["head_dim"] = 128  # transformers' Qwen3 default; every released Qwen3 states it
+    values.setdefault("tie_word_embeddings", False)  # transformers' default for all three when the key is absent
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads"):
-        if not isinstance(values.get(key), int) or isinstance(values[key], bool) or values[key] <= 0:
-            raise CheckpointError(f"{file}: {key} must be a positive integer, found {values.get(key)!r}")
+                "num_key_value_heads") + (("head_dim",) if values.get("head_dim") is not None else ()):
+        _positive(file, key, values.get(key), int)
     for key in ("rope_theta", "rms_norm_eps"):  # absent or null: the default
-        v = values.get(key)
-        if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0):
-            raise CheckpointError(f"{file}: {key} must be a positive number, found {v!r}")
-    if values["hidden_size"] % values["num_attention_heads"] or values["num_attention_heads"] % values["num_key_value_heads"]:
-        raise CheckpointError(f"{file}: num_attention_heads must divide hidden_size and be a multiple of "
-                              "num_key_value_heads")
-    cfg = Qwen2Config(**{k: v for k, v in values.items() if k in names and v is not None},
-                      extra={k: v for k, v in raw.items() if k not in names and k not in ("rope_parameters", "dtype")})
+        if values.get(key) is not None:
+            _positive(file, key, values[key])
+    if values.get("head_dim") is None and values["hidden_size"] % values["num_attention_heads"]:
+        raise CheckpointError(f"{file}: num_attention_heads must divide hidden_size (or head_dim must be given)")
+    if values["num_attention_heads"] % values["num_key_value_heads"]:
+        raise CheckpointError(f"{file}: num_attention_heads must be a multiple of num_key_value_heads")
+    # The family decides where the biases and norms are (transformers' Qwen2 hard-codes q/k/v bias, no o bias).
+    bias = bool(raw.get("attention_bias", False))
+    flags = dict(qkv_bias=family == "qwen2" or bias, o_bias=family != "qwen2" and bias,
+                 mlp_bias=family == "llama" and bool(raw.get("mlp_bias", False)), qk_norm=family == "qwen3")
+    names = {f.name for f in dataclasses.fields(DecoderConfig)} - {"extra"}
+    kept = {k: v for k, v in values.items() if k in names and v is not None} | flags
+    extra = {k: v for k, v in raw.items() if k not in names | {"rope_parameters", "dtype", "attention_bias", "mlp_bias"}}
+    cfg = DecoderConfig(**kept, extra=extra)
+    if cfg.head_dim % 2:
+        raise CheckpointError(f"{file}: head_dim {cfg.head_dim} is odd; RoPE rotates pairs of dimensions")
     return cfg
 
 
-def config_dtype(cfg: Qwen2Config) -> torch.dtype:
+def config_dtype(cfg: DecoderConfig) -> torch.dtype:
     return getattr(torch, cfg.torch_dtype)
 
 
@@ -142,8 +222,8 @@ class Checkpoint:
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: cannot read tensor {key} ({e}); the file is corrupted, download it again") from None
         if not t.is_floating_point():
-            raise CheckpointError(f"{file}: tensor {key} is {str(t.dtype).removeprefix('torch.')}; Qwen2 weights are "
-                                  "floating point, so the file is not a Qwen2 checkpoint or is damaged, download it again")
+            raise CheckpointError(f"{file}: tensor {key} is {str(t.dtype).removeprefix('torch.')}; the weights are "
+                                  "floating point, so the file is not a model checkpoint or is damaged, download it again")
         if shape is not None and t.shape != shape:
             raise CheckpointError(f"{file}: tensor {key} has shape {list(t.shape)}, config.json implies {list(shape)}; "
                                   "the weights do not match the config")
@@ -166,7 +246,7 @@ class Checkpoint:
         return state
 
 
-def _skippable(cfg: Qwen2Config, layer_ids: list[int]):
+def _skippable(cfg: DecoderConfig, layer_ids: list[int]):
     kept = set(layer_ids)
 
     def skip(key: str) -> bool:
@@ -180,8 +260,8 @@ def _skippable(cfg: Qwen2Config, layer_ids: list[int]):
     return skip
 
 
-def load_model(path, dtype: torch.dtype | None = None, device="cpu", layers: list[int] | None = None) -> Qwen2:
-    """Loads a Qwen2 checkpoint, or only `layers` of it (the others are never read). dtype None means
+def load_model(path, dtype: torch.dtype | None = None, device="cpu", layers: list[int] | None = None) -> Decoder:
+    """Loads a checkpoint, or only `layers` of it (the others are never read). dtype None means
     the checkpoint's own (config.json torch_dtype). The model is returned frozen, in eval mode."""
     cfg = load_config(path)
     ckpt = Checkpoint(path)
@@ -191,7 +271,7 @@ def load_model(path, dtype: torch.dtype | None = None, device="cpu", layers: lis
             raise CheckpointError(f"{ckpt.path}: the checkpoint has {cfg.num_hidden_layers} layers, "
                                   f"layer {bad[0]} does not exist")
     with torch.device("meta"):
-        model = Qwen2(cfg, layers)
+        model = Decoder(cfg, layers)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         del expected["lm_head.weight"]
@@ -246,8 +326,9 @@ def fingerprint(path) -> str:
     return h.hexdigest()
 
 
-def save_model(model: Qwen2, path, tokenizer: Tokenizer | None = None) -> None:
-    """Writes a directory that transformers' Qwen2ForCausalLM and `load_model` both load."""
+def save_model(model: Decoder, path, tokenizer: Tokenizer | None = None) -> None:
+    """Writes a directory that transformers (Qwen2ForCausalLM, LlamaForCausalLM or Qwen3ForCausalLM) and
+    `load_model` both load."""
     cfg = model.cfg
     if model.layer_ids != list(range(cfg.num_hidden_layers)):
         raise ValueError("save_model writes whole models; this one keeps only some layers")
@@ -255,10 +336,15 @@ def save_model(model: Qwen2, path, tokenizer: Tokenizer | None = None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
     config = dict(cfg.extra)
-    config.update({k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"})
-    config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
-                  torch_dtype=str(dtype).removeprefix("torch."), use_sliding_window=False,
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    ours = ("extra", "qkv_bias", "o_bias", "mlp_bias", "qk_norm", "rope_scaling")  # said in the family's own keys
+    config.update({k: v for k, v in dataclasses.asdict(cfg).items() if k not in ours})
+    rope = {"rope_type": "default"} | (cfg.rope_scaling or {})
+    config.update(architectures=[FAMILIES[cfg.model_type]], hidden_act="silu", torch_dtype=str(dtype).removeprefix("torch."),
+                  rope_scaling=cfg.rope_scaling, rope_parameters=rope | {"rope_theta": cfg.rope_theta})
+    if cfg.model_type == "qwen2":
+        config.update(use_sliding_window=False)
+    else:
+        config.update(attention_bias=cfg.o_bias, mlp_bias=cfg.mlp_bias)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         del tensors["lm_head.weight"]  # the same tensor as the embedding

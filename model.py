@@ -1,11 +1,13 @@
-"""Qwen2 / Qwen2.5, written by hand.
+"""The decoder of Qwen2 / Qwen2.5, Llama (2, 3, 3.1, 3.2, SmolLM2) and Qwen3 (dense), written by hand.
 
-Read bottom-up: the config, then the pieces (RMSNorm, RoPE, attention, MLP), then the decoder layer,
-then the whole model and sampling. Module names equal the Hugging Face checkpoint's keys, so
+The three families are one architecture (pre-norm, RoPE, grouped-query attention, SwiGLU) that differs in a
+few flags: which projections carry a bias, Qwen3's RMSNorm on each query and key head, and Llama 3.1's RoPE
+frequency scaling. Read bottom-up: the config, then the pieces (RMSNorm, RoPE, attention, MLP), then the
+decoder layer, then the whole model and sampling. Module names equal the Hugging Face checkpoint's keys, so
 `load_qwen.py` maps tensors by identity.
 
 Every projection goes through `project`, which optionally adds a low-rank, per-token modulation
-`(alpha/r) * B((A x) * c)`. A plain Qwen2 never passes one; Ouroboros (controller.py) passes one to its
+`(alpha/r) * B((A x) * c)`. A plain decoder never passes one; Ouroboros (controller.py) passes one to its
 recurrent layer at every step. The modulation is an argument, never state stored on a module.
 """
 from __future__ import annotations
@@ -20,17 +22,24 @@ import torch.nn.functional as F
 
 
 @dataclass
-class Qwen2Config:
-    # Defaults are Qwen2.5-3B's config.json. Field names are the config.json keys.
+class DecoderConfig:
+    # Defaults are Qwen2.5-3B's config.json. Field names are the config.json keys, except the four flags below,
+    # which load_qwen.load_config sets from the family (model_type) and its attention_bias / mlp_bias keys.
+    model_type: str = "qwen2"  # qwen2 | llama | qwen3
     vocab_size: int = 151936
     hidden_size: int = 2048
     intermediate_size: int = 11008
     num_hidden_layers: int = 36
     num_attention_heads: int = 16
     num_key_value_heads: int = 2
-    head_dim: int = 0  # 0 means hidden_size // num_attention_heads, as in every released Qwen2
+    head_dim: int = 0  # 0 means hidden_size // num_attention_heads; Qwen3 sets it apart (4B: 32 x 128 vs 2,560)
     max_position_embeddings: int = 32768
     rope_theta: float = 1_000_000.0
+    rope_scaling: dict | None = None  # None, or Llama 3.1's {"rope_type": "llama3", ...} or {"rope_type": "linear", ...}
+    qkv_bias: bool = True  # Qwen2: a bias on q, k and v; Llama and Qwen3: attention_bias (default false)
+    o_bias: bool = False  # Llama and Qwen3: attention_bias puts one on o as well
+    mlp_bias: bool = False  # Llama's mlp_bias: on gate, up and down
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on every query and key head, before RoPE
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
@@ -64,7 +73,7 @@ def project(linear: nn.Linear, x: torch.Tensor, name: str, mod: Modulation | Non
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Statistics in fp32 whatever the input dtype, then back, then the weight (Qwen2's order).
+    # Statistics in fp32 whatever the input dtype, then back, then the weight (the order of all three families).
     dtype = x.dtype
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -81,10 +90,30 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope_cos_sin(start: int, length: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(cfg: DecoderConfig, device=None) -> torch.Tensor:
+    """The rotation speed of each pair of dimensions, (head_dim / 2,): theta^(-2i / head_dim), then the scaling."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd)
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":  # positions divided by the factor, i.e. every frequency
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: frequencies whose wavelength exceeds the original context / low_freq_factor are slowed by
+        # `factor`; those shorter than context / high_freq_factor are kept; in between, a linear blend in
+        # context / wavelength.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (context / wavelen - low) / (high - low)  # 0 at the slow edge of the band, 1 at its fast edge
+        return torch.where(wavelen > context / low, inv_freq / factor,
+                           torch.where(wavelen < context / high, inv_freq, (1 - smooth) * inv_freq / factor + smooth * inv_freq))
+    return inv_freq
+
+
+def rope_cos_sin(start: int, length: int, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Angles for positions start..start+length-1, computed in fp32: (T, head_dim).
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    pos = torch.arange(start, start + length, device=device, dtype=torch.float32)
+    pos = torch.arange(start, start + length, device=inv_freq.device, dtype=torch.float32)
     freqs = torch.outer(pos, inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)  # half-split layout: dims i and i + head_dim/2 share an angle
     return emb.cos(), emb.sin()
@@ -114,21 +143,26 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Qwen2Config):
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         d = cfg.hidden_size
-        # Qwen2 has biases on q, k and v, none on o.
-        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=False)
+        self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, mod: Modulation | None = None, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = project(self.q_proj, x, "q", mod).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = project(self.k_proj, x, "k", mod).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = project(self.v_proj, x, "v", mod).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = project(self.q_proj, x, "q", mod).view(B, T, self.n_head, self.head_dim)  # (B, T, H, hd)
+        k = project(self.k_proj, x, "k", mod).view(B, T, self.n_kv_head, self.head_dim)  # (B, T, Hkv, hd)
+        v = project(self.v_proj, x, "v", mod).view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):  # Qwen3: each head's query and key normalised on their own, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
@@ -146,11 +180,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Qwen2Config):
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x, mod: Modulation | None = None):
         # SwiGLU: down(silu(gate x) * up x)
@@ -159,7 +193,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen2Config):
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
@@ -171,11 +205,11 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), mod)
 
 
-class Qwen2(nn.Module):
-    """Qwen2 causal LM. `layer_ids` keeps only some of the checkpoint's layers, run in the given order
+class Decoder(nn.Module):
+    """The causal LM of every family. `layer_ids` keeps only some of the checkpoint's layers, run in the given order
     (the cut baseline is `layer_ids = prelude + [recurrent] + coda`); the default keeps them all."""
 
-    def __init__(self, cfg: Qwen2Config, layer_ids: list[int] | None = None):
+    def __init__(self, cfg: DecoderConfig, layer_ids: list[int] | None = None):
         super().__init__()
         self.cfg = cfg
         self.layer_ids = list(range(cfg.num_hidden_layers)) if layer_ids is None else list(layer_ids)
@@ -205,7 +239,7 @@ class Qwen2(nn.Module):
         return self.model.layers[str(i)]
 
     def rope(self, start: int, length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_cos_sin(start, length, self.cfg.head_dim, self.cfg.rope_theta, device)
+        return rope_cos_sin(start, length, rope_frequencies(self.cfg, device))
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.model.norm(x))
@@ -240,7 +274,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
 
 def sampling_loop(step: Callable[[torch.Tensor], torch.Tensor], input_ids: torch.Tensor, max_new_tokens: int,
              temperature: float, top_k: int | None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sampling loop shared by Qwen2 and Ouroboros. `step(ids)` feeds new tokens to a model holding its
+    """Sampling loop shared by the decoder and Ouroboros. `step(ids)` feeds new tokens to a model holding its
     own KV cache and returns their logits; the prompt goes in once, then one token at a time."""
     out = input_ids
     logits = step(input_ids)

@@ -27,7 +27,7 @@ from controller import ConfigError, Ouroboros
 from data import DataError, splits as data_splits, token_cache
 from demo import DEMO_ARM, DEMO_PRETRAIN, demo_base
 from load_qwen import CheckpointError, atomic_write, load_config, load_tokenizer
-from model import PROJECTIONS, Qwen2
+from model import PROJECTIONS, Decoder
 from runs import CHECKPOINT, Parser, RunError, fmt_time, pick_device, read_checkpoint
 
 try:  # a study-only requirement (requirements-dev.txt), like transformers is test-only
@@ -141,7 +141,7 @@ def matched_ranks(model_dir: Path, split) -> dict:
     cfg = train.ouroboros_config(args, qcfg.num_hidden_layers)
     prelude, rec, coda, _ = cfg.split(qcfg.num_hidden_layers)
     with torch.device("meta"):
-        dynamic = Ouroboros(Qwen2(qcfg, prelude + [rec] + coda), cfg, {k: (torch.empty(1), torch.empty(1))
+        dynamic = Ouroboros(Decoder(qcfg, prelude + [rec] + coda), cfg, {k: (torch.empty(1), torch.empty(1))
                                                                       for k in PROJECTIONS})
         used = dynamic.parameters_used(4)
         per_rank = {}  # one rank of LoRA on every projection of a layer: in + out parameters each

@@ -1,4 +1,4 @@
-"""Train and evaluate Ouroboros on a Qwen2 checkpoint.
+"""Train and evaluate Ouroboros on a Qwen2 / Qwen2.5, Llama or Qwen3 checkpoint.
 
     python train.py --model DIR --data PATH --out DIR [flags]     train one variant, print the comparison table
     python train.py                                               the whole method offline on CPU (the demo)
@@ -27,7 +27,8 @@ from controller import ConfigError, Ouroboros, OuroborosConfig, paper_split
 from data import DataError, Windows, token_cache
 from data import splits as data_splits
 from demo import DEMO_ARM, demo_base
-from load_qwen import CheckpointError, atomic_write, load_config, load_model, load_ouroboros, load_tokenizer
+from load_qwen import (CheckpointError, atomic_write, load_config, load_model, load_ouroboros, load_tokenizer,
+                       resolve_model)
 from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals, agree, all_mean, all_sum, autocast, check_flags,
                   check_out_dir, check_resume, check_same_model, clip_gradients, compare, count_flops, flag_names, fmt_time, number,
                   init_distributed, log_line, pick_device, read_checkpoint, read_run_config, resolve_precision,
@@ -35,13 +36,17 @@ from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description="Train Ouroboros (a looped Qwen2 layer with input-conditioned LoRA) on a Qwen2 checkpoint. "
+    p = Parser(description="Train Ouroboros (a looped decoder layer with input-conditioned LoRA) on a Qwen2 / Qwen2.5, "
+                           "Llama or Qwen3 checkpoint. "
                            "Without --model: the offline CPU demo, whose defaults are sized for a 2-core CPU "
                            "(--steps 80 --seq-len 256 --batch-size 16 --grad-accum 1 --depth 4 ...).")
     a = p.add_argument
-    a("--model", help="Qwen2/Qwen2.5 checkpoint directory (Hugging Face layout). Omit for the offline CPU demo.")
+    a("--model", help="a Qwen2/Qwen2.5, Llama or Qwen3 checkpoint: a directory (Hugging Face layout) or a hub id such "
+                      "as Qwen/Qwen3-0.6B (fetched once into the Hugging Face cache; HF_HUB_OFFLINE=1 reads only the "
+                      "cache). Omit for the offline CPU demo.")
     a("--data", help="a text file (documents split at blank lines), a directory (a document per file), a .jsonl "
-                     "('text', optional 'id'), or a .gz of one; the demo's default: the standard library's source")
+                     "('text', optional 'id'), a .parquet (its 'text' column, optional 'id'; needs pyarrow), or a .gz "
+                     "of a text file or .jsonl; the demo's default: the standard library's source")
     a("--out", help="run directory: config, checkpoint, metrics.jsonl, results.json")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -319,6 +324,8 @@ def prepare_arm(args, device, cfg: OuroborosConfig | None = None):
 
 def run(args) -> int:
     check_flags(args)
+    if args.model is not None:  # a hub id becomes its snapshot directory, which the run records
+        args.model = str(resolve_model(args.model))
     device = pick_device(args.device)
     args.precision = resolve_precision(args.precision, device)
     if args.sample is not None or args.eval_only:
@@ -396,7 +403,7 @@ def use_finished_run(args, out: Path, device) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The demo (`python train.py`): a small Qwen2 pretrained from scratch on the standard library's source (demo.py,
+# The demo (`python train.py`): a small Qwen2-shaped decoder pretrained from scratch on the standard library's source (demo.py,
 # with this file's training loop), then two ordinary runs of the method on it, and one table of both.
 
 def demo(args) -> int:

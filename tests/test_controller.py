@@ -11,7 +11,7 @@ from tiny import make_checkpoint, tiny_config  # first: it puts the repository r
 
 from controller import ConfigError, Ouroboros, OuroborosConfig, StaticModulation
 from load_qwen import load_ouroboros
-from model import PROJECTIONS, DecoderLayer, Qwen2, Qwen2Config, project
+from model import PROJECTIONS, DecoderLayer, Decoder, DecoderConfig, project
 
 QCFG = tiny_config(num_hidden_layers=6)
 CFG = OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=8, max_steps=8)
@@ -59,7 +59,7 @@ def test_gate_keeps_88_percent_of_the_old_state_at_init(ckpt):
 def paper_sized(controller: str) -> Ouroboros:
     # Qwen2.5-3B shapes on the meta device: no memory, no weights, the exact parameter counts.
     with torch.device("meta"):
-        base = Qwen2(Qwen2Config(), list(range(8)) + [18] + list(range(28, 36)))
+        base = Decoder(DecoderConfig(), list(range(8)) + [18] + list(range(28, 36)))
         bases = {k: (torch.empty(32, 1), torch.empty(1, 32)) for k in PROJECTIONS}
         return Ouroboros(base, OuroborosConfig(controller=controller), bases)
 
@@ -153,7 +153,7 @@ def test_bad_split_raises_through_load_ouroboros(ckpt):
 
 def test_base_must_keep_the_split_layers(ckpt):
     with torch.device("meta"):
-        base = Qwen2(QCFG, [0, 2, 5])  # the split needs 0, 3, 5
+        base = Decoder(QCFG, [0, 2, 5])  # the split needs 0, 3, 5
     with pytest.raises(ConfigError):
         Ouroboros(base, CFG, {})
 

@@ -161,3 +161,75 @@ def test_concurrent_processes_tokenise_once(tmp_path, tok):
     assert all(p.returncode == 0 for p in procs), outs
     assert len({o for o, _ in outs}) == 1
     assert sum(e.count("tokenising") > 0 for _, e in outs) == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parquet: the same documents as a .jsonl, read one record batch at a time.
+
+def parquet_and_jsonl(path, records, **write):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    path.mkdir()
+    pq.write_table(pa.Table.from_pylist(records), path / "docs.parquet", **write)
+    (path / "docs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path / "docs.parquet", path / "docs.jsonl"
+
+
+@pytest.mark.parametrize("with_id", [False, True], ids=["text", "text-and-id"])
+def test_parquet_gives_the_token_streams_of_the_same_jsonl(tmp_path, tok, with_id):
+    # 2,500 rows in row groups of 300: several record batches, and a batch boundary inside a row group
+    records = [{"text": f"document {i} " + "with some words " * (i % 7 + 1) + "\u00e9\u4e2d\n\nend"} for i in range(2500)]
+    if with_id:
+        for i, r in enumerate(records):
+            r["id"] = i % 1700  # ints, as FineWeb-Edu's; repeated ids go to one split
+    pq_file, jsonl = parquet_and_jsonl(tmp_path / "d", records, row_group_size=300)
+    docs = list(data.read_documents(pq_file))
+    assert [(d.text, d.id) for d in docs] == [(d.text, d.id) for d in data.read_documents(jsonl)]
+    assert (docs[1800].id == "100") if with_id else docs[0].id is None
+    a = data.token_streams(pq_file, tok, 0.2, 0.2, tmp_path / "cache")
+    b = data.token_streams(jsonl, tok, 0.2, 0.2, tmp_path / "cache")
+    for s in data.SPLITS:
+        assert len(a[s]) > 1000 and a[s].tobytes() == b[s].tobytes(), s
+    # a directory of *.parquet reads each file in name order, like a directory of .jsonl
+    (tmp_path / "d" / "docs.jsonl").unlink()
+    assert [d.text for d in data.read_documents(tmp_path / "d")] == [r["text"] for r in records]
+
+
+def test_parquet_is_streamed_in_record_batches(tmp_path):
+    # 24 MB of text in row groups of about 1 MB: reading it must never hold more than a few batches in Arrow's memory
+    import pyarrow as pa
+    records = [{"text": f"{i} " + "x" * 1200} for i in range(20_000)]
+    file, _ = parquet_and_jsonl(tmp_path / "d", records, row_group_size=800)
+    peak = n = 0
+    for doc in data.read_documents(file):
+        n += 1
+        if n % 97 == 0:
+            peak = max(peak, pa.total_allocated_bytes())
+    assert n == 20_000 and doc.text == records[-1]["text"]
+    assert peak < 6e6, peak  # the whole file would be 24e6
+
+
+def test_parquet_without_pyarrow_is_one_line(tmp_path, monkeypatch):
+    file, _ = parquet_and_jsonl(tmp_path / "d", [{"text": "a document"}])
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)  # import pyarrow now raises ImportError
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
+    with pytest.raises(data.DataError, match="pip install pyarrow"):
+        list(data.read_documents(file))
+
+
+@pytest.mark.parametrize("what", ["no text column", "text not a string", "not parquet"])
+def test_unusable_parquet_is_one_line(tmp_path, what):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    (tmp_path / "d").mkdir()
+    file = tmp_path / "d" / "x.parquet"
+    if what == "no text column":
+        pq.write_table(pa.table({"content": ["a", "b"]}), file)
+    elif what == "text not a string":
+        pq.write_table(pa.table({"text": ["a", None]}), file)
+    else:
+        file.write_bytes(b"PAR1 this is not parquet at all")
+    with pytest.raises(data.DataError) as e:
+        list(data.read_documents(file))
+    assert str(e.value).startswith(str(file)) and "\n" not in str(e.value)
+    assert {"no text column": "no 'text' column", "text not a string": "row 2", "not parquet": "not a readable"}[what] in str(e.value)

@@ -78,12 +78,12 @@ def broken_checkpoint(world, path: Path, change_config=None, change_tensors=None
 def test_model_directory_missing(world, tmp_path, capsys):
     argv = flags(world, tmp_path / "out")
     argv[argv.index("--model") + 1] = str(tmp_path / "nowhere")
-    refused(argv, capsys, tmp_path / "out", "nowhere", "no such directory", "Qwen2")
+    refused(argv, capsys, tmp_path / "out", "nowhere", "no such directory", "checkpoint directory")
 
 
-def test_not_a_qwen2_checkpoint(world, tmp_path, capsys):
-    ckpt = broken_checkpoint(world, tmp_path / "llama", change_config=lambda c: c.update(model_type="llama"))
-    refused(flags((ckpt, world[1]), tmp_path / "out"), capsys, tmp_path / "out", "model_type", "'llama'", "Qwen2")
+def test_not_a_supported_family(world, tmp_path, capsys):
+    ckpt = broken_checkpoint(world, tmp_path / "gemma", change_config=lambda c: c.update(model_type="gemma"))
+    refused(flags((ckpt, world[1]), tmp_path / "out"), capsys, tmp_path / "out", "model_type", "'gemma'", "qwen3")
 
 
 def test_directory_without_a_checkpoint(world, tmp_path, capsys):

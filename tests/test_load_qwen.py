@@ -159,7 +159,7 @@ def test_dtype_spellings(tmp_path, key):
 def test_config_without_num_key_value_heads_means_no_gqa(tmp_path):
     path = make_checkpoint(tmp_path / "ckpt", tiny_config(**LIVELY, num_attention_heads=4, num_key_value_heads=4))
     ref = hf_logits(path)
-    # Absent: as many kv heads as heads. (transformers' Qwen2Config would assume 32 here, which is not even a
+    # Absent: as many kv heads as heads. (transformers' DecoderConfig would assume 32 here, which is not even a
     # divisor of 4 heads, so the oracle is the same checkpoint with the key present.)
     edit_config(path, num_key_value_heads=None)
     model = load_model(path)
@@ -353,8 +353,8 @@ def _missing_weights(p):
 
 
 def _wrong_model_type(p):
-    edit_config(p, model_type="llama")
-    return p / "config.json", "model_type is 'llama'"
+    edit_config(p, model_type="gemma")
+    return p / "config.json", "model_type is 'gemma'"
 
 
 def _bad_head_count(p):
@@ -379,7 +379,7 @@ def _unknown_dtype(p):
 
 def _rope_scaling(p):
     edit_config(p, rope_scaling={"type": "yarn", "factor": 4.0})
-    return p / "config.json", "RoPE scaling"
+    return p / "config.json", "rope_scaling type 'yarn' is not supported"
 
 
 def _sliding_window(p):

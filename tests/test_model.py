@@ -7,7 +7,7 @@ from transformers import Qwen2ForCausalLM
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 from load_qwen import load_model
-from model import (PROJECTIONS, DecoderLayer, KVCache, Qwen2, project, rms_norm, rope_cos_sin, sample_next,
+from model import (PROJECTIONS, Decoder, DecoderLayer, KVCache, project, rms_norm, rope_cos_sin, rope_frequencies, sample_next,
                    sampling_loop)
 from tiny import make_checkpoint, random_model, tiny_config
 
@@ -85,7 +85,7 @@ def test_rms_norm_matches_transformers_in_bf16():
         assert torch.equal(rms_norm(x, ref.weight, 1e-5), ref(x))
 
 
-def greedy_without_cache(model: Qwen2, ids: torch.Tensor, n: int) -> torch.Tensor:
+def greedy_without_cache(model: Decoder, ids: torch.Tensor, n: int) -> torch.Tensor:
     with torch.no_grad():
         for _ in range(n):
             ids = torch.cat((ids, model(ids)[:, -1].argmax(-1, keepdim=True)), dim=1)
@@ -147,7 +147,7 @@ def test_kv_cache_matches_full_forward(chunks):
 
 def test_kv_cache_on_a_subset_of_layers_in_a_chosen_order():
     model = random_model(tiny_config(**LIVELY), seed=6).eval()
-    sub = Qwen2(model.cfg, layer_ids=[3, 1]).eval()
+    sub = Decoder(model.cfg, layer_ids=[3, 1]).eval()
     sub.load_state_dict({k: v for k, v in model.state_dict().items() if sub.state_dict().get(k) is not None})
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(7))
     caches = {i: KVCache() for i in sub.layer_ids}
@@ -215,7 +215,7 @@ def test_modulation_reaches_the_named_projection(name):
     A, B = 0.3 * torch.randn(r, linear.in_features), 0.3 * torch.randn(linear.out_features, r)
     c = torch.tensor([0.5, -1.0, 2.0])
     x = torch.randn(2, 6, cfg.hidden_size)
-    cos, sin = rope_cos_sin(0, 6, cfg.head_dim, cfg.rope_theta, "cpu")
+    cos, sin = rope_cos_sin(0, 6, rope_frequencies(cfg))
     with torch.no_grad():
         plain = layer(x, cos, sin)
         got = layer(x, cos, sin, mod={name: [(A, B, c)]})
@@ -243,10 +243,10 @@ def test_sample_next():
 
 def test_fresh_model_init_and_tying():
     cfg = tiny_config()
-    model = Qwen2(cfg)
+    model = Decoder(cfg)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert abs(model.model.embed_tokens.weight.std().item() - cfg.initializer_range) < 0.005
     assert torch.equal(model.layer(0).self_attn.q_proj.bias, torch.zeros_like(model.layer(0).self_attn.q_proj.bias))
-    untied = Qwen2(tiny_config(tie_word_embeddings=False))
+    untied = Decoder(tiny_config(tie_word_embeddings=False))
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
     assert model.cfg.head_dim == 16 and tiny_config(head_dim=32).head_dim == 32

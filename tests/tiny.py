@@ -14,21 +14,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from load_qwen import save_model  # noqa: E402
-from model import Qwen2, Qwen2Config  # noqa: E402
+from model import Decoder, DecoderConfig  # noqa: E402
 
 
-def tiny_config(**overrides) -> Qwen2Config:
+def tiny_config(**overrides) -> DecoderConfig:
     values = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, rms_norm_eps=1e-6,
                   tie_word_embeddings=True, max_position_embeddings=512, torch_dtype="float32")
     values.update(overrides)
-    return Qwen2Config(**values)
+    return DecoderConfig(**values)
 
 
-def random_model(cfg: Qwen2Config, seed: int = 0) -> Qwen2:
+def random_model(cfg: DecoderConfig, seed: int = 0) -> Decoder:
     """A Qwen2 whose every tensor, norms and biases included, is random (so nothing is trivially 1 or 0)."""
     torch.manual_seed(seed)
-    model = Qwen2(cfg)
+    model = Decoder(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("layernorm.weight") or name == "model.norm.weight":
@@ -38,7 +38,7 @@ def random_model(cfg: Qwen2Config, seed: int = 0) -> Qwen2:
     return model
 
 
-def make_checkpoint(path, cfg: Qwen2Config | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
+def make_checkpoint(path, cfg: DecoderConfig | None = None, seed: int = 0, dtype: torch.dtype = torch.float32,
                     shards: int = 1, tokenizer=None) -> Path:
     """Writes a random checkpoint to `path`; with shards > 1, as model-0000k-of-0000n.safetensors + index."""
     cfg = cfg or tiny_config()
