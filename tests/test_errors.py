@@ -108,7 +108,7 @@ def test_malformed_config(world, tmp_path, capsys, config, words):
     ("num_hidden_layers", 0, ["num_hidden_layers must be a positive integer"]),
     ("rms_norm_eps", "tiny", ["rms_norm_eps must be a positive number"]),
     ("rope_theta", -1.0, ["rope_theta must be a positive number"]),
-    ("num_attention_heads", 3, ["num_attention_heads must divide hidden_size"]),
+    ("num_attention_heads", 3, ["num_attention_heads must be a multiple of num_key_value_heads"]),
 ], ids=lambda v: str(v) if isinstance(v, str) else None)
 def test_bad_config_value(world, tmp_path, capsys, key, value, words):
     ckpt = broken_checkpoint(world, tmp_path / "ckpt", change_config=lambda c: c.update({key: value}))

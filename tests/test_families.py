@@ -168,6 +168,7 @@ REFUSED = {
     "partial rotary": (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
     "gelu": (dict(hidden_act="gelu"), "hidden_act"),
     "odd head_dim": (dict(head_dim=15), "head_dim"),
+    "heads not dividing d": (dict(num_attention_heads=6, num_key_value_heads=2, head_dim=None), "must divide hidden_size"),
 }
 
 
