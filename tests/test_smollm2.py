@@ -180,7 +180,9 @@ def test_real_smollm2_three_ways(real):
     ours = load_model(real, torch.float32)(ids)
     ref = LlamaForCausalLM.from_pretrained(real, dtype=torch.float32).eval()(ids).logits
     assert (ours - ref).abs().max() <= 1e-4
-    # 2. and 3. English is predicted far better than uniform; the greedy continuation is sensible English
+    # 2. and 3. English is predicted far better than uniform; the greedy continuation is sensible English. The
+    # bound is tight on purpose: with the q/k rows left in llama.cpp's order the model still half works (3.24 nats,
+    # and it still says Paris), against 2.34 converted right.
     result = smollm2.check(real)
-    assert result["loss"] < 3.5 < 10.8 < result["uniform"]
+    assert result["loss"] < 2.8 and result["uniform"] > 10.8
     assert "Paris" in result["continuation"], result["continuation"]
