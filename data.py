@@ -51,14 +51,19 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     return root, sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
 
 
+def is_stdlib(path) -> bool:
+    """--data stdlib (or no --data, in the demo) names the demo's corpus, unless a file of that name exists."""
+    return path is None or (str(path) == "stdlib" and not Path("stdlib").exists())
+
+
 def check_data_path(path) -> None:
     if path is not None and not str(path).strip():
         raise DataError("--data is empty (an unset shell variable?); pass a text file, a directory, a .jsonl or a .parquet")
 
 
 def data_files(path) -> tuple[Path, list[Path]]:
-    """The files --data names (None: the demo corpus), checked before anything is read."""
-    if path is None:
+    """The files --data names (None or "stdlib": the demo corpus), checked before anything is read."""
+    if is_stdlib(path):
         return stdlib_files()
     check_data_path(path)
     path = Path(path)
@@ -137,10 +142,10 @@ def parquet_documents(file: Path) -> Iterator[Doc]:
 
 def read_documents(path) -> Iterator[Doc]:
     """Documents, one at a time, from a text file (split at blank lines), a directory (one file each, or the
-    records of its .jsonl and .parquet files), a .jsonl or a .parquet. None means the demo corpus."""
+    records of its .jsonl and .parquet files), a .jsonl or a .parquet. None or "stdlib" means the demo corpus."""
     root, files = data_files(path)
     for f in files:
-        if path is None:  # the standard library holds a few files that are not UTF-8; read them as best we can
+        if is_stdlib(path):  # the standard library holds a few files that are not UTF-8; read them as best we can
             yield Doc(str(f.relative_to(root)), f.read_text(errors="replace"))
         elif f.name.endswith((".jsonl", ".jsonl.gz")):
             yield from jsonl_documents(f)

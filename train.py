@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "cache). Omit for the offline CPU demo.")
     a("--data", help="a text file (documents split at blank lines), a directory (a document per file), a .jsonl "
                      "('text', optional 'id'), a .parquet (its 'text' column, optional 'id'; needs pyarrow), or a .gz "
-                     "of a text file or .jsonl; the demo's default: the standard library's source")
+                     "of a text file or .jsonl; stdlib: the standard library's source, the demo's corpus and its default")
     a("--out", help="run directory: config, checkpoint, metrics.jsonl, results.json")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--overwrite", action="store_true", help="replace an existing run in --out")

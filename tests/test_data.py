@@ -233,3 +233,13 @@ def test_unusable_parquet_is_one_line(tmp_path, what):
         list(data.read_documents(file))
     assert str(e.value).startswith(str(file)) and "\n" not in str(e.value)
     assert {"no text column": "no 'text' column", "text not a string": "row 2", "not parquet": "not a readable"}[what] in str(e.value)
+
+
+def test_data_stdlib_names_the_demo_corpus_unless_such_a_file_exists(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    root, files = data.data_files("stdlib")
+    assert (root, files) == data.stdlib_files() and len(files) > 100
+    assert all("test" not in f.relative_to(root).parts for f in files)
+    (tmp_path / "stdlib").mkdir()
+    (tmp_path / "stdlib" / "mine.txt").write_text("my own corpus")
+    assert [d.text for d in data.read_documents("stdlib")] == ["my own corpus"]
