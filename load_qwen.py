@@ -361,7 +361,9 @@ def load_ouroboros(path, cfg, dtype: torch.dtype | None = None, device="cpu"):
 
     qcfg = load_config(path)
     prelude, rec, coda, removed = cfg.split(qcfg.num_hidden_layers)
-    widths = {"q": qcfg.hidden_size, "k": qcfg.num_key_value_heads * qcfg.head_dim, "o": qcfg.hidden_size,
+    # the rank of a projection's residual is at most its smaller side (q and o: hidden vs heads x head_dim)
+    attn = min(qcfg.hidden_size, qcfg.num_attention_heads * qcfg.head_dim)
+    widths = {"q": attn, "k": min(qcfg.hidden_size, qcfg.num_key_value_heads * qcfg.head_dim), "o": attn,
               "gate": min(qcfg.hidden_size, qcfg.intermediate_size)}
     narrow = min(widths, key=widths.get)
     if cfg.rank > widths[narrow]:
