@@ -29,9 +29,9 @@ class OuroborosConfig:
     n_coda: int = 8
     rank: int = 32  # r
     alpha: float = 16.0  # LoRA scale is alpha / r
-    max_steps: int = 64  # size of the step embedding and of the per-step norms
+    max_depth: int = 64  # size of the step embedding and of the per-step norms
     pool_dim: int = 256  # Controller: Linear(d, 256) on the pooled state
-    step_dim: int = 128  # Controller: Embedding(max_steps, 128)
+    step_dim: int = 128  # Controller: Embedding(max_depth, 128)
     hidden_dim: int = 256  # Controller: Linear(256 + 128, 256)
     head_dim: int = 128  # Controller: Linear(256, 128), then the heads Linear(128, r)
     gate_bias: float = -2.0  # sigmoid(-2) = 0.119: at init each step keeps 88% of the old state
@@ -64,8 +64,8 @@ class OuroborosConfig:
             raise ConfigError(f"controller_input must be pooled or none, not {self.controller_input!r}")
         if self.lora_layers not in ("none", "coda", "recurrent", "all"):
             raise ConfigError(f"lora_layers must be none, coda, recurrent or all, not {self.lora_layers!r}")
-        if self.rank < 1 or self.max_steps < 1 or self.lora_rank < 1:
-            raise ConfigError("rank, lora_rank and max_steps must be >= 1")
+        if self.rank < 1 or self.max_depth < 1 or self.lora_rank < 1:
+            raise ConfigError("rank, lora_rank and max_depth must be >= 1")
         prelude, coda = list(range(p)), list(range(n_layers - c, n_layers))
         removed = [i for i in range(p, n_layers - c) if i != rec]
         return prelude, rec, coda, removed
@@ -113,7 +113,7 @@ class Controller(nn.Module):
         super().__init__()
         self.rank = cfg.rank
         self.pool_proj = nn.Linear(d, cfg.pool_dim)
-        self.step_embed = nn.Embedding(cfg.max_steps, cfg.step_dim)
+        self.step_embed = nn.Embedding(cfg.max_depth, cfg.step_dim)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.pool_dim + cfg.step_dim, cfg.hidden_dim), nn.SiLU(),
             nn.Linear(cfg.hidden_dim, cfg.head_dim), nn.SiLU(),
@@ -135,7 +135,7 @@ class StaticModulation(nn.Module):
 
     def __init__(self, cfg: OuroborosConfig):
         super().__init__()
-        self.c = nn.Parameter(torch.zeros(cfg.max_steps, len(PROJECTIONS), cfg.rank))
+        self.c = nn.Parameter(torch.zeros(cfg.max_depth, len(PROJECTIONS), cfg.rank))
 
     def forward(self, p: torch.Tensor, step: int) -> torch.Tensor:
         return self.c[step]  # (7, r), broadcast over batch and positions
@@ -208,14 +208,14 @@ class Ouroboros(nn.Module):
             self.gate = nn.Linear(2 * d, d)
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, cfg.gate_bias)
-        self.step_norm = nn.Parameter(torch.ones(cfg.max_steps, d)) if cfg.step_norm else None
+        self.step_norm = nn.Parameter(torch.ones(cfg.max_depth, d)) if cfg.step_norm else None
         adapted = {"none": [], "coda": self.coda, "recurrent": [self.recurrent],
                    "all": self.prelude + [self.recurrent] + self.coda}[cfg.lora_layers]
         self.adapters = Adapters(base, adapted, cfg.lora_rank, cfg.lora_alpha) if adapted else None
 
     def check_steps(self, n_steps: int):
-        if not 1 <= n_steps <= self.cfg.max_steps:
-            raise ConfigError(f"depth {n_steps} is outside 1..{self.cfg.max_steps} (max_steps); "
+        if not 1 <= n_steps <= self.cfg.max_depth:
+            raise ConfigError(f"depth {n_steps} is outside 1..{self.cfg.max_depth} (max_depth); "
                               "choose a depth in that range")
 
     def pool(self, h: torch.Tensor, s: int, cache: RecurrentCache | None) -> torch.Tensor:
@@ -240,15 +240,15 @@ class Ouroboros(nn.Module):
             return None
         # The input-blind control reads zeros instead of the pooled state: the same Controller, c from s alone.
         p = self.pool(h, s, cache) if self.cfg.controller_input == "pooled" else h.new_zeros(1, 1, h.shape[-1])
-        c = self.controller(p, s) * (self.cfg.alpha / self.cfg.rank)  # (..., 7, r)
+        c = (self.controller(p, s) * (self.cfg.alpha / self.cfg.rank)).to(h.dtype)  # (..., 7, r), the compute dtype
         return {k: [(getattr(self, f"lora_A_{k}"), getattr(self, f"lora_B_{k}"), c[..., j, :])]
                 for j, k in enumerate(PROJECTIONS)}
 
     def step(self, h, s: int, cos, sin, cache: RecurrentCache | None = None):
         mod = combined(self.modulation(h, s, cache), self.adapted(self.recurrent))  # c = Controller(h, s)
         h_new = self.base.layer(self.recurrent)(h, cos, sin, mod, cache.steps[s] if cache else None)
-        if self.step_norm is not None:
-            h_new = rms_norm(h_new, self.step_norm[s], self.base.cfg.rms_norm_eps)  # h_new = norm_s(h_new)
+        if self.step_norm is not None:  # the fp32 weight cast to the compute dtype, so h stays in it (bf16)
+            h_new = rms_norm(h_new, self.step_norm[s].to(h_new.dtype), self.base.cfg.rms_norm_eps)  # h_new = norm_s(h_new)
         if self.gate is None:
             return h_new
         g = torch.sigmoid(self.gate(torch.cat((h_new, h), dim=-1)))  # g = sigmoid(W_g [h_new ; h_old] + b_g)

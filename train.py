@@ -27,12 +27,13 @@ from controller import ConfigError, Ouroboros, OuroborosConfig, paper_split
 from data import DataError, Windows, token_cache
 from data import splits as data_splits
 from demo import DEMO_ARM, demo_base
-from load_qwen import (CheckpointError, atomic_write, load_config, load_model, load_ouroboros, load_tokenizer,
-                       resolve_model)
-from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals, agree, all_mean, all_sum, autocast, check_flags,
-                  check_out_dir, check_resume, check_same_model, clip_gradients, compare, count_flops, flag_names, fmt_time, number,
-                  init_distributed, log_line, pick_device, read_checkpoint, read_run_config, resolve_precision,
-                  print_counter, print_progress, restore, resume, skip_update, start_run, world_rank, write_results)
+from load_qwen import (CheckpointError, atomic_write, fingerprint, load_config, load_model, load_ouroboros,
+                       load_tokenizer, resolve_model)
+from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals, agree, all_mean, all_sum, autocast,
+                  check_flags, check_out_dir, check_resume, check_same_model, check_writable, clip_gradients, compare,
+                  count_flops, flag_names, fmt_time, number, init_distributed, log_line, pick_device, read_checkpoint,
+                  read_run_config, resolve_precision, print_counter, print_progress, restore, resume, skip_update,
+                  start_run, world_rank, write_results)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--alpha", type=number, default=16.0, help="LoRA alpha; the delta is scaled by alpha / r")
     a("--depth", type=int, default=8, help="recurrent steps per forward")
     a("--depths", help="e.g. 4,8,16: a depth drawn per optimizer step (seeded); evaluated at each")
-    a("--max-steps", type=int, default=64, help="the Controller's step embedding size and the number of step norms")
+    a("--max-depth", type=int, default=64, help="the largest depth a run can use: the rows of the Controller's step "
+                                             "embedding and of the per-step norms (--steps is the run's length)")
     a("--n-prelude", type=int, help="frozen layers before the loop (default round(8L/36), 8 on Qwen2.5-3B)")
     a("--recurrent-layer", type=int, help="the looped layer (default L // 2, 18 on Qwen2.5-3B)")
     a("--n-coda", type=int, help="frozen layers after the loop (default round(8L/36))")
@@ -70,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lora-rank", type=int, default=8, help="the adapters' rank")
     a("--lora-alpha", type=number, default=16.0, help="the adapters' delta is scaled by alpha / rank")
     a("--checkpoint-steps", action="store_true", help="recompute each recurrent step in backward (less memory)")
-    a("--compile", action="store_true", help="torch.compile the training forward (each depth compiles at its first step)")
+    a("--compile", action="store_true", help="torch.compile each decoder layer (compiled once, reused at every depth)")
     training_flags(a)
     # using finished runs
     a("--eval-only", action="store_true", help="recompute the comparison table of the run in --out")
@@ -108,7 +110,10 @@ def training_flags(a) -> None:
     a("--pretrain-steps", type=int, default=720, help="demo only: optimizer steps pretraining its base model")
     a("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute and frozen-base dtype "
-      "(trainables stay fp32); auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32")
+      "(trainables stay fp32); auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32. "
+      "On CUDA, fp32 matmuls use TF32 tensor cores")
+    a("--allow-slow-bf16", action="store_true", help="accept --precision bf16 on a CPU without native bf16 "
+      "(about 100x slower than fp32 there; refused without this flag)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,9 +314,17 @@ def ouroboros_config(args, n_layers: int) -> OuroborosConfig:
     trained = parse_depths(args.depths) if args.depths else [args.depth]
     args.eval_depths = parse_depths(args.score_depths, "--eval-depths") if args.score_depths else trained
     for d in set(trained) | set(args.eval_depths):
-        if not 1 <= d <= args.max_steps:
-            raise ConfigError(f"depth {d} is outside 1..{args.max_steps} (--max-steps); choose a depth in that range")
+        if not 1 <= d <= args.max_depth:
+            raise ConfigError(f"depth {d} is outside 1..{args.max_depth} (--max-depth); choose a depth in that range")
     return cfg
+
+
+def compile_by_region(model: Ouroboros, backend: str = "inductor") -> None:
+    """--compile: each kept decoder layer is compiled on its own, not the unrolled model. The layers share their
+    code, so a few graphs (plain, modulated) serve every layer and every depth: compile time does not grow with
+    the depth or the number of depths. Fuses the elementwise work between the matmuls."""
+    for i in model.base.layer_ids:
+        model.base.layer(i).compile(backend=backend)
 
 
 def prepare_arm(args, device, cfg: OuroborosConfig | None = None):
@@ -324,12 +337,16 @@ def prepare_arm(args, device, cfg: OuroborosConfig | None = None):
 
 def run(args) -> int:
     check_flags(args)
+    if args.sample is None and not args.eval_only:  # told now, not after the loading and tokenising
+        check_writable(token_cache(args.token_cache), "--token-cache")
+        if args.out and args.steps:
+            check_writable(args.out, "--out")
     if args.model is not None:  # a hub id becomes its snapshot directory, which the run records
         args.model = str(resolve_model(args.model))
     device = pick_device(args.device)
-    args.precision = resolve_precision(args.precision, device)
-    if args.sample is not None or args.eval_only:
+    if args.sample is not None or args.eval_only:  # in the run's own precision
         return use_finished_run(args, check_out_dir(args), device)
+    args.precision = resolve_precision(args.precision, device, args.allow_slow_bf16)
     cfg = ouroboros_config(args, load_config(args.model).num_hidden_layers)  # a bad flag is told before a bad --out
     out = check_out_dir(args) if args.steps else None
     qcfg, model = prepare_arm(args, device, cfg)
@@ -344,16 +361,19 @@ def run(args) -> int:
         return 0
     rank, world = init_distributed(device)
     try:
-        agree(world, tensors=dict(model.named_parameters()) | dict(model.named_buffers()),
-              what="trainable parameters or LoRA bases")
+        # The trainables and the bases (small) are compared bit for bit; the frozen base by its checkpoint's
+        # fingerprint, so that no process copies the whole base to the CPU to hash it.
+        agree(world, tensors=model.trainable_parameters() | dict(model.named_buffers()), extra=fingerprint(args.model),
+              what="trainable parameters, LoRA bases or base checkpoint")
         if rank == 0 and checkpoint is None:
             start_run(out, args)
         if rank == 0:
             print(f"{arm_name(args)}: {count(model.trainable_parameters().values()):,} trainable parameters, layers "
                   f"{model.prelude} + [{model.recurrent}] x depth + {model.coda}; {splits['train'].n:,} training "
                   f"windows of {args.seq_len} tokens")
-        forward = torch.compile(model) if args.compile else model  # fuses the elementwise work between matmuls
-        state = train(lambda x, depth: forward(x, depth), model.train(), splits["train"], splits["dev"], args, out,
+        if args.compile:
+            compile_by_region(model)
+        state = train(lambda x, depth: model(x, depth), model.train(), splits["train"], splits["dev"], args, out,
                       device, checkpoint, True, world, rank)
         if state["step"] < args.steps:  # stopped by --stop-after: the table comes when the run is finished
             return 0
@@ -383,6 +403,7 @@ def use_finished_run(args, out: Path, device) -> int:
             setattr(saved, flag, value)
             tag += f"-{flag.split('_')[-1]}-{value.replace(',', '-')}"
     name += f" (scored with the {saved.pool} pool)" if saved.pool != read_run_config(out)["pool"] else ""
+    resolve_precision(saved.precision, device, args.allow_slow_bf16)  # a bf16 run on a CPU that would crawl
     qcfg, model = prepare_arm(saved, device)
     restore(read_checkpoint(out), out, model.trainable_parameters())
     tokenizer = load_tokenizer(saved.model)
@@ -409,12 +430,14 @@ def use_finished_run(args, out: Path, device) -> int:
 def demo(args) -> int:
     check_flags(args)
     device = pick_device(args.device)
-    args.precision = resolve_precision(args.precision, device)
+    args.precision = resolve_precision(args.precision, device, args.allow_slow_bf16)
     t0 = time.time()
     out = Path(args.out) if args.out else next(Path("runs") / f"demo-{i}" for i in range(1, 10**6)
                                                if not (Path("runs") / f"demo-{i}").exists())
     if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
         raise RunError(f"{out} already holds files; pass --resume to continue that run or --overwrite to replace it")
+    check_writable(out, "--out")
+    check_writable(token_cache(args.token_cache), "--token-cache")
     base = demo_base(args, token_cache(args.token_cache), device, train)
     print(f"base model ready in {base} ({fmt_time(time.time() - t0)} so far)")
     arms = [out / controller for controller in ("none", "dynamic")]

@@ -14,7 +14,7 @@ from load_qwen import load_ouroboros
 from model import PROJECTIONS
 
 QCFG = tiny_config(num_hidden_layers=6)
-CFG = OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=8, max_steps=8)  # removes 1, 2, 4
+CFG = OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=8, max_depth=8)  # removes 1, 2, 4
 REMOVED = [1, 2, 4]
 
 
@@ -62,7 +62,7 @@ def test_bases_are_frozen_buffers_not_parameters(ckpt):
 
 def test_no_removed_layers_gives_zero_bases(tmp_path):
     path = make_checkpoint(tmp_path, tiny_config(num_hidden_layers=4))
-    cfg = OuroborosConfig(n_prelude=1, recurrent_layer=1, n_coda=2, rank=8, max_steps=8)
+    cfg = OuroborosConfig(n_prelude=1, recurrent_layer=1, n_coda=2, rank=8, max_depth=8)
     assert cfg.split(4)[3] == []
     model = load_ouroboros(path, cfg)
     for k in PROJECTIONS:

@@ -14,7 +14,7 @@ from load_qwen import load_ouroboros
 from model import PROJECTIONS, DecoderLayer, Decoder, DecoderConfig, project
 
 QCFG = tiny_config(num_hidden_layers=6)
-CFG = OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=8, max_steps=8)
+CFG = OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=8, max_depth=8)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_good_split():
     assert CFG.split(6) == ([0], 3, [5], [1, 2, 4])
 
 
-@pytest.mark.parametrize("field, value", [("controller", "mlp"), ("pool", "max"), ("rank", 0), ("max_steps", 0)])
+@pytest.mark.parametrize("field, value", [("controller", "mlp"), ("pool", "max"), ("rank", 0), ("max_depth", 0)])
 def test_bad_options_raise(field, value):
     with pytest.raises(ConfigError):
         dataclasses.replace(CFG, **{field: value}).split(6)
@@ -162,12 +162,12 @@ def test_base_must_keep_the_split_layers(ckpt):
 def test_bad_depth_raises(ckpt):
     model = load_ouroboros(ckpt, CFG)
     x = ids()
-    for n_steps in (0, CFG.max_steps + 1):
+    for n_steps in (0, CFG.max_depth + 1):
         with pytest.raises(ConfigError):
             model(x, n_steps)
         with pytest.raises(ConfigError):
             model.generate(x, n_steps, 2)
-    assert model(x, CFG.max_steps).shape == (2, 12, QCFG.vocab_size)  # the largest depth works
+    assert model(x, CFG.max_depth).shape == (2, 12, QCFG.vocab_size)  # the largest depth works
 
 
 def test_rank_larger_than_a_projection_allows(ckpt):

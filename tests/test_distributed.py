@@ -25,6 +25,7 @@ from test_train import (FLAGS, ROOT, checkpoint_state, flags, metrics, trainable
                         with_flag, world)
 
 import train
+from load_qwen import fingerprint
 
 BASE = with_flag(with_flag(FLAGS, "--steps", "24"), "--save-every", "4")  # --batch-size 2 --grad-accum 2
 TWO = with_flag(BASE, "--grad-accum", "1")  # per process: 2 processes give the same global batch of 4 windows
@@ -215,6 +216,13 @@ for what in ("trainable parameters", "trainable parameters or LoRA bases"):
         runs.agree(world, tensors=params, what=what)
     except runs.RunError as e:
         print(f"rank {{rank}}: {{e}}", flush=True)
+params["b"][2] = 1.0  # the tensors agree again, the base checkpoints' fingerprints do not
+try:
+    runs.agree(world, tensors=params, what="base checkpoint", extra="abc" if rank == 0 else "abd")
+except runs.RunError as e:
+    print(f"rank {{rank}}: {{e}}", flush=True)
+runs.agree(world, tensors=params, extra="same")
+print(f"rank {{rank}}: same fingerprint ok", flush=True)
 error = runs.RunError("disk full on rank 0") if rank == 0 else None
 try:
     runs.agree(world, error)
@@ -233,4 +241,22 @@ def test_agree_raises_everywhere_and_catches_different_parameters(tmp_path):
         assert f"rank {rank}: identical ok" in proc.stdout
         assert f"rank {rank}: the trainable parameters differ between the processes" in proc.stdout
         assert f"rank {rank}: the trainable parameters or LoRA bases differ between the processes" in proc.stdout
+        assert f"rank {rank}: the base checkpoint differ between the processes" in proc.stdout
+        assert f"rank {rank}: same fingerprint ok" in proc.stdout
         assert f"rank {rank}: got disk full on rank 0" in proc.stdout
+
+
+def test_start_up_agreement_compares_trainables_bases_and_the_fingerprint_not_the_frozen_base(world, tmp_path,
+                                                                                             monkeypatch):
+    seen = {}
+
+    def record(world_size, error=None, tensors=None, what="", extra=""):
+        if tensors is not None and "base checkpoint" in what:
+            seen.update(names=set(tensors), extra=extra)
+
+    monkeypatch.setattr(train, "agree", record)
+    assert train.main(flags(world, tmp_path / "run", "--steps", "1", "--warmup", "0")) == 0
+    assert seen["extra"] == fingerprint(world[0])
+    assert {f"lora_A_{k}" for k in ("q", "k", "v", "o", "gate", "up", "down")} <= seen["names"]
+    assert "gate.weight" in seen["names"] and "controller.heads.weight" in seen["names"]
+    assert not any(n.startswith("base.") for n in seen["names"])  # no frozen weight copied to the CPU

@@ -183,7 +183,7 @@ def test_tokenizer_missing(world, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The split, the rank and the depth (the tiny checkpoint has 6 layers; FLAGS use --max-steps 8).
+# The split, the rank and the depth (the tiny checkpoint has 6 layers; FLAGS use --max-depth 8).
 
 @pytest.mark.parametrize("extra, words", [
     (["--n-prelude", "3", "--n-coda", "3"], ["--n-prelude + --n-coda + 1 = 7", "6 layers"]),
@@ -193,14 +193,14 @@ def test_tokenizer_missing(world, tmp_path, capsys):
     (["--n-prelude", "-1"], ["--n-prelude (-1)", ">= 0"]),
     (["--n-coda", "-2"], ["--n-coda (-2)", ">= 0"]),
     (["--rank", "65"], ["--rank 65 is larger than projection", "--rank <= "]),
-    (["--rank", "0"], ["--rank, --lora-rank and --max-steps must be >= 1"]),
+    (["--rank", "0"], ["--rank, --lora-rank and --max-depth must be >= 1"]),
     (["--depth", "0"], ["depth 0 is outside 1..8"]),
     (["--depth", "9"], ["depth 9 is outside 1..8"]),
     (["--depths", "2,9"], ["depth 9 is outside 1..8"]),
     (["--depths", "1,x"], ["--depths '1,x'"]),
     (["--depth", "9", "--eval-depths", "2"], ["depth 9 is outside 1..8"]),  # the trained depth, checked too
     (["--eval-depths", "1,x"], ["--eval-depths '1,x'"]),
-    (["--max-steps", "0", "--depth", "1"], ["--max-steps must be >= 1"]),
+    (["--max-depth", "0", "--depth", "1"], ["--max-depth must be >= 1"]),
 ], ids=lambda v: "".join(v).lstrip("-") if isinstance(v, list) and v[0].startswith("--") else None)
 def test_bad_split_rank_or_depth(world, tmp_path, capsys, extra, words):
     refused(flags(world, tmp_path / "out", *extra), capsys, tmp_path / "out", *words)
@@ -474,3 +474,22 @@ def test_refusal_in_a_subprocess(world, small_vocab, tmp_path, case):
     line = error_line(proc.stderr)
     assert {"device": "tpu", "vocab": "vocabulary", "split": "--n-prelude"}[case] in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag", ["--out", "--token-cache"])
+@pytest.mark.parametrize("where", ["proc", "under-a-file"])
+def test_unwritable_out_or_token_cache_is_refused_before_any_work(world, tmp_path, capsys, monkeypatch, flag, where):
+    """Told in one line naming the flag, before the model is loaded or anything tokenised. (As root every
+    permission check passes, so the unwritable places are /proc and a path under a regular file.)"""
+    (tmp_path / "a-file").write_text("x")
+    bad = "/proc/ouroboros-test/run" if where == "proc" else str(tmp_path / "a-file" / "run")
+    argv = flags(world, tmp_path / "out", "--token-cache", str(tmp_path / "cache"))
+    argv += [flag, bad]  # argparse takes the last value
+    monkeypatch.setattr(train, "load_ouroboros", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    capsys.readouterr()
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "tokenising" not in err
+    line = error_line(err)
+    assert line.startswith(f"error: {flag} ") and ("is a file" in line or "cannot write" in line), line
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

@@ -185,7 +185,7 @@ def test_unsupported_configs_are_one_line_naming_the_field(tmp_path, what):
 
 # ---- the Ouroboros parts on every family ------------------------------------------------------------
 
-CFG = OuroborosConfig(n_prelude=1, recurrent_layer=2, n_coda=1, rank=8, max_steps=8)
+CFG = OuroborosConfig(n_prelude=1, recurrent_layer=2, n_coda=1, rank=8, max_depth=8)
 
 
 @pytest.fixture(scope="module", params=["llama-untied-mha-biases", "llama-3.1-rope", "qwen3-head-dim-32"])

@@ -15,7 +15,7 @@ from load_qwen import load_ouroboros
 from model import PROJECTIONS
 
 QCFG = tiny_config(num_hidden_layers=6)
-CFG = OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=8, max_steps=8)
+CFG = OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=8, max_depth=8)
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32; every mistake these tests target changes the numbers by > 1e-2
 
 
@@ -81,7 +81,7 @@ def test_causal_pool_is_the_mean_of_positions_0_to_t(model):
 def test_controller_at_step_s_is_the_hand_written_mlp(model):
     p = hand_pool(hidden(1, 1.0))
     outputs = []
-    for s in (0, 3, CFG.max_steps - 1):
+    for s in (0, 3, CFG.max_depth - 1):
         outputs.append(model.controller(p, s))
         torch.testing.assert_close(outputs[-1], hand_controller(model.controller, p, s), **TOL)
     assert (outputs[0] - outputs[1]).abs().max() > 1e-2  # the step embedding does change c

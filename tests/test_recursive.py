@@ -14,7 +14,7 @@ from controller import ConfigError, OuroborosConfig, RecurrentCache
 from load_qwen import load_model, load_ouroboros
 
 QCFG = tiny_config(num_hidden_layers=6)
-CFG = OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=8, max_steps=8)
+CFG = OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=8, max_depth=8)
 KEPT = [0, 3, 5]
 
 
@@ -71,7 +71,7 @@ def test_one_plain_step_is_the_cut_model(ckpt, build):
 @torch.no_grad()
 def test_a_split_covering_every_layer_is_the_full_model(tmp_path):
     path = make_checkpoint(tmp_path, tiny_config(num_hidden_layers=4), seed=4)
-    cfg = OuroborosConfig(n_prelude=1, recurrent_layer=1, n_coda=2, rank=8, max_steps=8,
+    cfg = OuroborosConfig(n_prelude=1, recurrent_layer=1, n_coda=2, rank=8, max_depth=8,
                           controller="none", gate=False, step_norm=False)
     model = load_ouroboros(path, cfg)
     assert model.base.layer_ids == [0, 1, 2, 3] and model.removed == []
@@ -207,3 +207,30 @@ def test_trainables_stay_fp32_over_a_bf16_base(build):
     assert torch.isfinite(loss)
     for name, p in trainable.items():
         assert p.grad is not None and p.grad.dtype == torch.float32, name
+
+
+@pytest.mark.parametrize("variant", [{}, dict(controller="static"), dict(controller="none"), dict(gate=False),
+                                     dict(step_norm=False), dict(controller_input="none"), dict(lora_layers="all")],
+                         ids=["dynamic", "static", "none", "no-gate", "no-step-norm", "blind", "lora-all"])
+def test_one_compute_dtype_through_every_row_under_bf16(ckpt, build, variant):
+    """Under bf16 the hidden state is bf16 from the embedding to the head in every row of a table: the trained
+    arm (whatever its fp32 trainables: step norms, gate, Controller, adapters), the cut baseline, the full model."""
+    model = perturb(build(dataclasses.replace(CFG, **variant), torch.bfloat16))
+    full = load_model(ckpt, torch.bfloat16)
+    seen = []
+
+    def record(module, args):
+        seen.append((type(module).__name__, args[0].dtype))
+
+    hooks = [m.register_forward_pre_hook(record) for net in (model.base, full) for m in net.modules()
+             if type(m).__name__ in ("DecoderLayer", "RMSNorm", "Linear") and m is not getattr(net, "gate", None)]
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            for logits in (model(ids(), 3), model.base(ids()), full(ids())):
+                assert logits.dtype == torch.bfloat16
+    finally:
+        for h in hooks:
+            h.remove()
+    layers = [d for name, d in seen if name == "DecoderLayer"]
+    assert len(layers) == (1 + 3 + 1) + 3 + QCFG.num_hidden_layers  # prelude, 3 steps, coda; the cut; the full model
+    assert {d for _, d in seen} == {torch.bfloat16}, sorted({(n, str(d)) for n, d in seen})

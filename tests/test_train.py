@@ -28,7 +28,7 @@ QCFG = tiny_config(num_hidden_layers=6)
 TEXT = "the quick brown fox jumps over the lazy dog. "
 # 12 documents; with --dev-fraction 0.15 --test-fraction 0.3 the hash split gives 9 train, 1 dev, 2 test.
 DOCS = [f"{TEXT * 3}number {i} " + " ".join(["alpha beta gamma delta"] * (i % 3 + 1)) for i in range(12)]
-FLAGS = ["--n-prelude", "1", "--recurrent-layer", "3", "--n-coda", "1", "--rank", "4", "--max-steps", "8",
+FLAGS = ["--n-prelude", "1", "--recurrent-layer", "3", "--n-coda", "1", "--rank", "4", "--max-depth", "8",
          "--depth", "2", "--seq-len", "16", "--batch-size", "2", "--grad-accum", "2", "--steps", "3",
          "--eval-windows", "4", "--log-every", "1", "--save-every", "1", "--device", "cpu", "--dev-fraction", "0.15",
          "--test-fraction", "0.3",
@@ -322,15 +322,31 @@ def test_logged_depths_are_the_draws(world, tmp_path):
     assert set(logged) == {1, 2}
 
 
-def test_precision_is_recorded_and_used(world, tmp_path):
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_precision_follows_the_hardware(world, tmp_path, monkeypatch, capsys, native):
+    monkeypatch.setattr(runs, "native_bf16", lambda device: native)
     cpu = torch.device("cpu")
-    assert train.resolve_precision("fp32", cpu) == "fp32" and train.resolve_precision("bf16", cpu) == "bf16"
-    assert train.resolve_precision("auto", torch.device("cuda")) == "bf16"
-    assert train.resolve_precision("auto", cpu) in ("bf16", "fp32")
+    assert train.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert train.resolve_precision("fp32", cpu) == "fp32"
+    assert train.resolve_precision("bf16", cpu, allow_slow=True) == "bf16"
+    argv = flags(world, tmp_path / "run", "--precision", "bf16", base=with_flag(FLAGS, "--steps", "1"))
+    if native:
+        assert train.resolve_precision("bf16", cpu) == "bf16"
+        return
+    # an explicit bf16 where it would crawl: one line, exit 2, nothing written; accepted when the user says so
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --precision bf16") and "--allow-slow-bf16" in err and "\n" not in err
+    assert not (tmp_path / "run").exists()
+    assert train.main(argv + ["--allow-slow-bf16"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["precision"] == "bf16"
+
+
+def test_precision_is_recorded_and_used(world, tmp_path):
     base = with_flag(FLAGS, "--steps", "1")
     losses = {}
     for p in ("fp32", "bf16"):
-        assert train.main(flags(world, tmp_path / p, "--precision", p, base=base)) == 0
+        assert train.main(flags(world, tmp_path / p, "--precision", p, "--allow-slow-bf16", base=base)) == 0
         assert json.loads((tmp_path / p / "config.json").read_text())["precision"] == p
         losses[p] = metrics(tmp_path / p)[0]["loss"]
     # the same step in both precisions: close, but bf16 rounding shows
@@ -412,7 +428,7 @@ def test_first_logged_loss_is_the_next_token_cross_entropy(world, tmp_path):
     base = with_flag(with_flag(with_flag(FLAGS, "--steps", "1"), "--grad-accum", "1"), "--batch-size", str(len(windows)))
     out = tmp_path / "run"
     assert train.main(flags(world, out, "--precision", "fp32", base=base)) == 0
-    cfg = train.OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=4, max_steps=8)
+    cfg = train.OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=4, max_depth=8)
     model = train.load_ouroboros(world[0], cfg, torch.float32)
     with torch.no_grad():
         expected = cross_entropy_by_hand(model(windows[:, :-1], 2), windows)
@@ -455,7 +471,7 @@ def decayed_names(model, optimizer):
                  "controller.heads.weight", "gate.weight"}),
     ("static", {"gate.weight"}), ("none", {"gate.weight"})])
 def test_weight_decay_only_on_the_linear_weights(world, controller, expected):
-    cfg = train.OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=4, max_steps=8, controller=controller)
+    cfg = train.OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=4, max_depth=8, controller=controller)
     model = train.load_ouroboros(world[0], cfg, torch.float32)
     params = model.trainable_parameters()
     args = argparse.Namespace(weight_decay=0.1, lr=1e-3)
@@ -465,7 +481,7 @@ def test_weight_decay_only_on_the_linear_weights(world, controller, expected):
 
 
 def test_rows_no_step_reaches_stay_as_initialised(world, tmp_path):
-    """At depth 2 of --max-steps 8, the norm rows and step embeddings of steps 2..7 get no gradient; with weight
+    """At depth 2 of --max-depth 8, the norm rows and step embeddings of steps 2..7 get no gradient; with weight
     decay on, they must still be exactly their initial values (decay would shrink them)."""
     out = tmp_path / "run"
     assert train.main(flags(world, out, "--weight-decay", "0.1", base=with_flag(FLAGS, "--steps", "4"))) == 0
@@ -473,7 +489,7 @@ def test_rows_no_step_reaches_stay_as_initialised(world, tmp_path):
     assert torch.equal(trained["param.step_norm"][2:], torch.ones(6, QCFG.hidden_size))
     assert not torch.equal(trained["param.step_norm"][:2], torch.ones(2, QCFG.hidden_size))
     torch.manual_seed(0)  # the run's --seed: the same initial Controller
-    cfg = train.OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=4, max_steps=8)
+    cfg = train.OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=4, max_depth=8)
     init = train.load_ouroboros(world[0], cfg, torch.float32).controller.step_embed.weight
     assert torch.equal(trained["param.controller.step_embed.weight"][2:], init[2:].detach())
 
@@ -487,7 +503,7 @@ def test_precision_decides_the_base_dtype(world, tmp_path, precision, dtype):
     _, model = train.prepare_arm(args, torch.device("cpu"))
     assert {p.dtype for p in model.base.parameters()} == {dtype}
     assert {p.dtype for p in model.trainable_parameters().values()} == {torch.float32}
-    assert train.main(flags((bf16, world[1]), tmp_path / "run", "--precision", precision,
+    assert train.main(flags((bf16, world[1]), tmp_path / "run", "--precision", precision, "--allow-slow-bf16",
                             base=with_flag(FLAGS, "--steps", "1"))) == 0
     assert math.isfinite(metrics(tmp_path / "run")[0]["loss"])
 
@@ -583,7 +599,7 @@ def test_existing_out_dir_is_refused(world, finished, capsys):
 
 def test_user_errors_return_2(world, tmp_path, capsys):
     assert train.main(flags(world, tmp_path / "a", "--depths", "1,x")) == 2
-    assert train.main(flags(world, tmp_path / "b", "--depth", "9")) == 2  # beyond --max-steps 8
+    assert train.main(flags(world, tmp_path / "b", "--depth", "9")) == 2  # beyond --max-depth 8
     assert train.main(flags(world, tmp_path / "c", "--resume")) == 2  # nothing to resume
     assert train.main(["--out", str(tmp_path / "d"), "--sample", "hi", "--device", "cpu"]) == 2
     assert train.main(flags(world, tmp_path / "e", "--no-such-flag")) == 2
@@ -601,5 +617,43 @@ def test_compile_trains_the_same_model(world, tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     a, b = trainables(eager), trainables(compiled)
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)  # Adam moved each by up to 3 x 3e-3
+        # Adam moved each value by up to 3 x 3e-3; it also turns the fp32 rounding of a near-zero gradient into a
+        # difference of up to ~2e-5 (seen on mlp.2 of the Controller), which depends on the kernels: 1e-4 allows
+        # that and still fails a wrong graph, whose updates would differ by their own size.
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4, msg=k)
     assert a["param.controller.heads.weight"].abs().max() > 1e-3  # trained: not both still at their zero init
+
+
+def test_a_run_from_before_the_max_depth_rename_still_reads(finished, tmp_path):
+    """Runs written when --max-depth was called --max-steps keep working: scored, sampled, resumed."""
+    import shutil
+    out = tmp_path / "old"
+    shutil.copytree(finished, out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_depth"] == 8  # not the default 64: the step norms' shape depends on it
+    config["max_steps"] = config.pop("max_depth")
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "results.json").unlink()
+    assert train.main(["--out", str(out), "--eval-only", "--device", "cpu"]) == 0
+    assert (out / "results.json").read_text() == (finished / "results.json").read_text()
+    assert train.main(["--out", str(out), "--sample", "the", "--max-new-tokens", "3", "--device", "cpu"]) == 0
+
+
+def test_compile_by_region_does_not_grow_with_depth(world):
+    """--compile compiles the decoder layers, not the unrolled model: once the plain and the modulated layer (with
+    and without a gradient into the state) have been traced, deeper and other depths add no graph. Dynamo's own
+    count of graphs, with its eager backend (what is traced is the same; inductor would only take longer)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    args = train.build_parser().parse_args(flags(world, "unused", "--precision", "fp32"))
+    _, model = train.prepare_arm(args, torch.device("cpu"))
+    train.compile_by_region(model, backend="eager")
+    x = torch.randint(0, QCFG.vocab_size, (2, 12))
+    graphs = []
+    for depth in (1, 2, 6, 3, 8):
+        model(x, depth).sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] > 0 and graphs[1:] == [graphs[1]] * 4, graphs
+    torch._dynamo.reset()
