@@ -259,11 +259,17 @@ class Ouroboros(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, n_steps: int, cache: RecurrentCache | None = None) -> torch.Tensor:
         # input_ids (B, T) -> logits (B, T, vocab), looping the recurrent layer n_steps times.
-        return self.logits_at(input_ids, [n_steps], cache)[n_steps]
+        return self.base.head(self.hidden(input_ids, n_steps, cache))
 
-    def logits_at(self, input_ids: torch.Tensor, depths: list[int], cache: RecurrentCache | None = None):
-        """{depth: logits} for several depths in one pass: the state after step s does not depend on how many
-        steps follow, so the coda and the head run after each requested step."""
+    def hidden(self, input_ids: torch.Tensor, n_steps: int, cache: RecurrentCache | None = None) -> torch.Tensor:
+        # input_ids (B, T) -> the coda's output (B, T, d), before the final norm and the head (train.py applies
+        # the head a chunk of positions at a time, so the whole vocabulary's logits never exist at once).
+        return self.hidden_at(input_ids, [n_steps], cache)[n_steps]
+
+    def hidden_at(self, input_ids: torch.Tensor, depths: list[int], cache: RecurrentCache | None = None):
+        """{depth: the coda's output} for several depths in one pass: the state after step s does not depend on
+        how many steps follow, so the coda runs after each requested step. (States of d values per token: far
+        smaller than the logits, which the caller makes from one depth at a time.)"""
         for d in depths:
             self.check_steps(d)
         if cache is not None and len(set(depths)) > 1:
@@ -275,7 +281,7 @@ class Ouroboros(nn.Module):
             h = self.base.model.embed_tokens(input_ids)
             for i in self.prelude:
                 h = layer(i)(h, cos, sin, self.adapted(i), cache.layers[i] if cache else None)
-        logits = {}
+        states = {}
         for s in range(max(depths)):
             if self.cfg.checkpoint_steps and torch.is_grad_enabled() and cache is None:
                 h = checkpoint(self.step, h, s, cos, sin, use_reentrant=False)
@@ -285,10 +291,10 @@ class Ouroboros(nn.Module):
                 out = h
                 for i in self.coda:
                     out = layer(i)(out, cos, sin, self.adapted(i), cache.layers[i] if cache else None)
-                logits[s + 1] = self.base.head(out)
+                states[s + 1] = out
         if cache is not None:
             cache.length += input_ids.shape[1]
-        return logits
+        return states
 
     def parameters_used(self, depth: int) -> int:
         """Trainable parameters that a forward of `depth` steps reads: the rows of the step norms, the step

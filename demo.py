@@ -65,6 +65,6 @@ def pretrain(args, tokenizer, cache: Path, base_dir: Path, device, train) -> Non
     print(f"pretraining the demo base: Qwen2 with {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, "
           f"{sum(p.numel() for p in model.parameters()):,} parameters, {pargs.steps} steps (cached for later runs)")
     checkpoint = read_checkpoint(run_dir) if (run_dir / CHECKPOINT).is_file() else None
-    train(lambda x, depth: model(x), model, data, None, pargs, run_dir, device, checkpoint, looped=False)
+    train(lambda x, depth: model.hidden(x), model.head, model, data, None, pargs, run_dir, device, checkpoint, looped=False)
     save_model(model.eval(), base_dir / "model.tmp", tokenizer)
     os.replace(base_dir / "model.tmp", base_dir / "model")  # a directory: renamed whole once all its files are written

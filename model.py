@@ -246,12 +246,17 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, caches: dict[int, KVCache] | None = None) -> torch.Tensor:
         # input_ids (B, T) -> logits (B, T, vocab). With caches, input_ids continue the cached positions.
+        return self.head(self.hidden(input_ids, caches))
+
+    def hidden(self, input_ids: torch.Tensor, caches: dict[int, KVCache] | None = None) -> torch.Tensor:
+        # input_ids (B, T) -> the last layer's output (B, T, d), before the final norm and the head. Training and
+        # evaluation stop here and apply the head a chunk of positions at a time (train.loss_from_states).
         start = len(caches[self.layer_ids[0]]) if caches else 0
         cos, sin = self.rope(start, input_ids.shape[1], input_ids.device)
         x = self.model.embed_tokens(input_ids)  # (B, T, d)
         for i in self.layer_ids:
             x = self.layer(i)(x, cos, sin, cache=caches[i] if caches is not None else None)
-        return self.head(x)
+        return x
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from controller import ConfigError, Ouroboros, OuroborosConfig, paper_split
 from data import DataError, Windows, token_cache
@@ -129,6 +130,25 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str 
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
 
 
+LOSS_CHUNK = 1024  # positions whose logits exist at once
+
+
+def loss_from_states(h: torch.Tensor, targets: torch.Tensor, head, reduction: str = "mean") -> torch.Tensor:
+    """next_token_loss(head(h), targets), LOSS_CHUNK positions at a time. The logits are the largest tensors of a
+    step (the vocabulary per token: their fp32 copy, the log-softmax kept for backward, its gradient); here they
+    exist for one chunk at a time and are recomputed in backward, never for the whole batch. h (B, T, d)."""
+    h, targets = h.flatten(0, 1), targets.flatten()
+
+    def chunk(h_part, t_part):  # (n, d), (n,) -> (n,) losses
+        return next_token_loss(head(h_part)[None], t_part[None], reduction="none")
+
+    grad = torch.is_grad_enabled()
+    losses = torch.cat([checkpoint(chunk, h[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK], use_reentrant=False)
+                        if grad else chunk(h[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK])
+                        for i in range(0, len(targets), LOSS_CHUNK)])
+    return losses.mean() if reduction == "mean" else losses  # (B*T,) with reduction "none"
+
+
 def get_lr(step: int, args) -> float:
     """Linear warmup to --lr, then cosine decay to lr * min_lr_ratio at the last step. Counted in optimizer steps."""
     if step < args.warmup:
@@ -167,10 +187,11 @@ def build_optimizer(model: torch.nn.Module, params: dict, args, device) -> torch
                              lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def train(forward, model: torch.nn.Module, data: Windows, dev: Windows | None, args, out: Path, device,
+def train(forward, head, model: torch.nn.Module, data: Windows, dev: Windows | None, args, out: Path, device,
           resume_from: tuple | None = None, looped: bool = True, world: int = 1, rank: int = 0) -> dict:
-    """Optimizes the trainable parameters of `model` (fp32) so that forward(inputs, depth) predicts the next token;
-    --eval-every reads `dev`; `looped` is False for the demo's pretraining (no depth). Returns the final state."""
+    """Optimizes the trainable parameters of `model` (fp32) so that head(forward(inputs, depth)) predicts the next
+    token; forward gives the states before the head. --eval-every reads `dev`; `looped` is False for the demo's
+    pretraining (no depth). Returns the final state."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(model, params, args, device)
     state = resume(resume_from, out, params, optimizer, rank) if resume_from else dict(step=0, bad_steps=0, world=world)
@@ -194,7 +215,7 @@ def train(forward, model: torch.nn.Module, data: Windows, dev: Windows | None, a
                     first = step * per_step + (micro * world + rank) * args.batch_size
                     x, y = inputs_and_targets(data.batch(first, args.batch_size).to(device, non_blocking=True))
                     with autocast(device, args.precision):
-                        loss = next_token_loss(forward(x, depth), y)
+                        loss = loss_from_states(forward(x, depth), y, head)
                     (loss / args.grad_accum).backward()
                     loss_sum += loss.detach()
                 loss = all_mean(loss_sum / args.grad_accum, world).item()
@@ -212,7 +233,8 @@ def train(forward, model: torch.nn.Module, data: Windows, dev: Windows | None, a
                     done = step - start_step
                     print_progress(record, args.steps, done, done * per_step * args.seq_len, t0)
                 if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                    record["dev_loss"] = score(lambda x: {0: forward(x, max(args.eval_depths))}, [0], dev, args, device)[0][0]
+                    record["dev_loss"] = score(lambda x: {0: forward(x, max(args.eval_depths))}, [0], head, dev, args,
+                                               device)[0][0]
                     if rank == 0:
                         print(f"step {step}: dev loss {record['dev_loss']:.4f}", flush=True)
                 log_line(out, record, rank)
@@ -231,8 +253,9 @@ def train(forward, model: torch.nn.Module, data: Windows, dev: Windows | None, a
 # Evaluation: the same windows, spread over the whole split, for every model; shared out between processes.
 
 @torch.no_grad()
-def score(forward, keys, split: Windows, args, device, what: str | None = None) -> dict:
-    """Next-token loss of each output of forward(x), a dict of logits under `keys` (one per depth, say), over
+def score(forward, keys, head, split: Windows, args, device, what: str | None = None) -> dict:
+    """Next-token loss of each output of forward(x), a dict of states before the head under `keys` (one per depth,
+    say; the logits are made from one key's states at a time, a chunk at a time), over
     --eval-windows windows spread over the whole split: {key: (mean loss, per-document mean losses)}. Under torchrun
     each process scores its share of the windows and the sums are taken over all; with `what`, a progress line."""
     world, rank = world_rank()
@@ -245,8 +268,8 @@ def score(forward, keys, split: Windows, args, device, what: str | None = None) 
         chunk = indices[start:start + args.batch_size]
         (x, y), doc = inputs_and_targets(split.rows(chunk).to(device)), split.target_documents(chunk).to(device).flatten()
         with autocast(device, args.precision):
-            for key, logits in forward(x).items():
-                loss = next_token_loss(logits, y, reduction="none").double()
+            for key, states in forward(x).items():
+                loss = loss_from_states(states, y, head, reduction="none").double()
                 sums[key].index_add_(0, doc, loss)
         count.index_add_(0, doc, torch.ones_like(doc, dtype=count.dtype))
         if what and rank == 0:
@@ -271,27 +294,35 @@ def count(params) -> int:
 
 def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None = None, arms=True) -> list[dict]:
     """The table's rows, on the same windows: full model, cut baseline, and (with `arms`) the arm at each depth."""
-    full = load_model(args.model, BASE_DTYPE[args.precision], device)
-    rows = [dict(name=f"{what} ({len(m.layer_ids)} layers)", kept=count(m.parameters()), trainable=0)
-            for what, m in (("full model", full), ("cut baseline", model.base))]
-    for row, m in zip(rows, (full, model.base)):
-        row["loss"], row["per_document"] = score(lambda x: {0: m(x)}, [0], test, args, device, row["name"])[0]
-    del full
+    name, control = name or arm_name(args), model.controller is None and model.gate is not None and model.step_norm is not None
+    if arms:
+        scores = score(lambda x: model.eval().hidden_at(x, args.eval_depths), args.eval_depths, model.base.head, test,
+                       args, device, name)
+    rows = [reference_row("cut baseline", model.base, test, args, device)]
+    # The full model is never on the device beside the trained one: that goes to the CPU meanwhile.
+    model.to("cpu" if device.type == "cuda" else device)
+    rows.insert(0, reference_row("full model", load_model(args.model, BASE_DTYPE[args.precision], device), test, args,
+                                 device))
+    model.to(device)
     if not arms:
         return rows
-    name, control = name or arm_name(args), model.controller is None and model.gate is not None and model.step_norm is not None
-    scores = score(lambda x: model.eval().logits_at(x, args.eval_depths), args.eval_depths, test, args, device, name)
     used = model.parameters_used(max(parse_depths(args.depths) if args.depths else [args.depth]))  # in training
     return rows + [dict(name=f"{name}, depth {d}", kept=count(model.base.parameters()), control=control,
                         trainable=count(model.trainable_parameters().values()), trainable_used=used,
                         loss=scores[d][0], per_document=scores[d][1]) for d in args.eval_depths]
 
 
+def reference_row(what: str, m, test: Windows, args, device) -> dict:
+    row = dict(name=f"{what} ({len(m.layer_ids)} layers)", kept=count(m.parameters()), trainable=0)
+    row["loss"], row["per_document"] = score(lambda x: {0: m.hidden(x)}, [0], m.head, test, args, device, row["name"])[0]
+    return row
+
+
 def training_flops(model: Ouroboros, data: Windows, args, device) -> float:
     """Training FLOPs per token (matmul and attention, forward and backward; flop_counter), over the depths drawn."""
     x, y = inputs_and_targets(data.rows([0]).to(device))
     with autocast(device, args.precision):
-        per_depth = {d: count_flops(lambda: next_token_loss(model(x, d), y).backward()) / x.numel()
+        per_depth = {d: count_flops(lambda: loss_from_states(model.hidden(x, d), y, model.base.head).backward()) / x.numel()
                      for d in {depth_at(step, args) for step in range(args.steps)}}
     model.zero_grad(set_to_none=True)
     return sum(per_depth[depth_at(step, args)] for step in range(args.steps)) / args.steps
@@ -373,7 +404,7 @@ def run(args) -> int:
                   f"windows of {args.seq_len} tokens")
         if args.compile:
             compile_by_region(model)
-        state = train(lambda x, depth: model(x, depth), model.train(), splits["train"], splits["dev"], args, out,
+        state = train(model.hidden, model.base.head, model.train(), splits["train"], splits["dev"], args, out,
                       device, checkpoint, True, world, rank)
         if state["step"] < args.steps:  # stopped by --stop-after: the table comes when the run is finished
             return 0

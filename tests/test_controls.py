@@ -142,7 +142,7 @@ def test_depth_curve_in_one_pass_equals_each_depth_alone(ckpt):
     model = load_ouroboros(ckpt, dataclasses.replace(CFG, lora_layers="coda"))
     perturb(model.trainable_parameters().values())
     x = ids()
-    curve = model.logits_at(x, [1, 2, 4, 7])
+    curve = {d: model.base.head(h) for d, h in model.hidden_at(x, [1, 2, 4, 7]).items()}
     assert sorted(curve) == [1, 2, 4, 7]
     for d, logits in curve.items():
         assert torch.allclose(logits, model(x, d), atol=1e-6, rtol=1e-6)

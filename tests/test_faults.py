@@ -287,21 +287,21 @@ def poison(monkeypatch, bad_steps: set[int], what: str, grad_accum: int = 2) -> 
     """Makes the loss (what="loss") or only the gradients (what="grad") of the given 0-based optimizer steps
     non-finite. Returns a record with the trainable parameters as they were at the start of every step."""
     seen = {"calls": 0, "at_step": {}}
-    real_loss, real_train = train.next_token_loss, train.train
+    real_loss, real_train = train.loss_from_states, train.train
 
-    def spy_train(forward, model, *args, **kwargs):
+    def spy_train(forward, head, model, *args, **kwargs):
         seen["params"] = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        return real_train(forward, model, *args, **kwargs)
+        return real_train(forward, head, model, *args, **kwargs)
 
-    def loss(logits, targets, reduction="mean"):
+    def loss(states, targets, head, reduction="mean"):
         if reduction != "mean":  # an evaluation's per-token losses, not a training step's
-            return real_loss(logits, targets, reduction)
+            return real_loss(states, targets, head, reduction)
         step, micro = divmod(seen["calls"], grad_accum)
         seen["calls"] += 1
-        out = real_loss(logits, targets)
+        out = real_loss(states, targets, head)
         if "params" in seen and micro == 0 and step not in seen["at_step"]:
             seen["at_step"][step] = {k: p.detach().clone() for k, p in seen["params"].items()}
-        if step in bad_steps and logits.requires_grad:
+        if step in bad_steps and states.requires_grad:
             if what == "loss":
                 return out * math.nan
             out = out.clone()
@@ -309,7 +309,7 @@ def poison(monkeypatch, bad_steps: set[int], what: str, grad_accum: int = 2) -> 
         return out
 
     monkeypatch.setattr(train, "train", spy_train)
-    monkeypatch.setattr(train, "next_token_loss", loss)
+    monkeypatch.setattr(train, "loss_from_states", loss)
     return seen
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -438,7 +439,7 @@ def test_first_logged_loss_is_the_next_token_cross_entropy(world, tmp_path):
 def test_dev_split_during_training_and_test_split_in_the_table(world, tmp_path, monkeypatch):
     seen = []
     score = train.score
-    monkeypatch.setattr(train, "score", lambda f, keys, split, *a: seen.append(split) or score(f, keys, split, *a))
+    monkeypatch.setattr(train, "score", lambda f, keys, head, split, *a: seen.append(split) or score(f, keys, head, split, *a))
     streams, _ = streams_by_hand(world)
     assert train.main(flags(world, tmp_path / "run", "--eval-every", "1")) == 0
     during, table = seen[:2], seen[2:]  # steps 1 and 2 of 3 evaluate on dev; then full, cut and the arm
@@ -449,9 +450,9 @@ def test_dev_split_during_training_and_test_split_in_the_table(world, tmp_path, 
 
 def test_dev_evaluation_and_sample_use_the_largest_depth(world, tmp_path, monkeypatch):
     depths = []
-    forward = train.Ouroboros.forward
-    monkeypatch.setattr(train.Ouroboros, "forward",
-                        lambda self, x, n, cache=None: depths.append((n, torch.is_grad_enabled())) or forward(self, x, n, cache))
+    hidden = train.Ouroboros.hidden  # what training, the dev evaluation and generation all call
+    monkeypatch.setattr(train.Ouroboros, "hidden",
+                        lambda self, x, n, cache=None: depths.append((n, torch.is_grad_enabled())) or hidden(self, x, n, cache))
     out = tmp_path / "run"
     assert train.main(flags(world, out, "--depths", "2,1", "--eval-every", "1")) == 0
     evaluated = [n for n, grad in depths if not grad]
@@ -657,3 +658,29 @@ def test_compile_by_region_does_not_grow_with_depth(world):
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] > 0 and graphs[1:] == [graphs[1]] * 4, graphs
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_chunked_loss_equals_the_plain_loss_and_its_gradients(monkeypatch, dtype):
+    """loss_from_states applies the head a chunk of positions at a time (recomputed in backward): the same loss
+    and gradients as the plain cross-entropy of the whole batch's logits, and no call ever sees more rows."""
+    torch.manual_seed(0)
+    B, T, d, V = 3, 37, 16, 50  # 111 positions: chunks of 25 leave a short last one
+    head = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, V)).to(dtype)
+    h = torch.randn(B, T, d, dtype=dtype, requires_grad=True)
+    y = torch.randint(0, V, (B, T))
+    plain = train.next_token_loss(head(h), y)
+    plain_grads = torch.autograd.grad(plain, [h, *head.parameters()])
+    monkeypatch.setattr(train, "LOSS_CHUNK", 25)
+    rows, cross_entropy = [], F.cross_entropy
+    monkeypatch.setattr(train.F, "cross_entropy", lambda logits, *a, **k: rows.append(len(logits)) or cross_entropy(logits, *a, **k))
+    chunked = train.loss_from_states(h, y, head)
+    grads = torch.autograd.grad(chunked, [h, *head.parameters()])
+    assert rows and max(rows) == 25 and sum(rows) == 2 * B * T  # each chunk once forward, once recomputed in backward
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(chunked, plain, **tol)
+    for a, b in zip(grads, plain_grads):
+        torch.testing.assert_close(a, b, **tol)
+    with torch.no_grad():  # per-token losses, as evaluation reads them
+        per_token = train.loss_from_states(h, y, head, reduction="none")
+    torch.testing.assert_close(per_token, train.next_token_loss(head(h).detach(), y, reduction="none"), **tol)
