@@ -86,6 +86,17 @@ def test_not_a_supported_family(world, tmp_path, capsys):
     refused(flags((ckpt, world[1]), tmp_path / "out"), capsys, tmp_path / "out", "model_type", "'gemma'", "qwen3")
 
 
+@pytest.mark.parametrize("change, words", [
+    (dict(model_type="qwen3_moe"), ["model_type is 'qwen3_moe'"]),
+    (dict(num_experts=8), ["num_experts", "mixture-of-experts"]),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), ["'yarn' is not supported"]),
+    (dict(use_sliding_window=True), ["use_sliding_window", "sliding-window"]),
+], ids=["moe-type", "experts", "yarn", "sliding-window"])
+def test_unsupported_architecture_is_refused_before_anything_is_written(world, tmp_path, capsys, change, words):
+    ckpt = broken_checkpoint(world, tmp_path / "ckpt", change_config=lambda c: c.update(change))
+    refused(flags((ckpt, world[1]), tmp_path / "out"), capsys, tmp_path / "out", "config.json", *words)
+
+
 def test_directory_without_a_checkpoint(world, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     refused(flags((tmp_path / "empty", world[1]), tmp_path / "out"), capsys, tmp_path / "out",
