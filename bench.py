@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -413,6 +414,179 @@ def training_memory(path: Path) -> list[dict]:
     return rows
 
 
+# --memory: one training step at Qwen2.5-0.5B's real shapes (the vocabulary included), and the whole command.
+MEMORY = dict(seq=2048, depth=8)
+
+
+def reset_peak() -> int:
+    """Resets the kernel's record of this process's peak RSS to its current RSS (Linux 4.0+); returns the RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_bytes()
+
+
+def vm_hwm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def step_memory_child(path: str, precision: str, loss: str, device: str) -> None:
+    """In a fresh process: Ouroboros at the paper's split of the checkpoint at `path`, then one training step
+    (forward, loss, backward, AdamW) of batch 1 at MEMORY's seq and depth; prints the peak memory the step added
+    to what loading left (peak RSS on the CPU, torch.cuda.max_memory_allocated on CUDA), and the sizes it had.
+    loss "chunked": train.loss_from_states; "logits": the whole vocabulary's logits, then the cross-entropy."""
+    dev = torch.device(device)
+    cfg = load_config(path)
+    p, r, c = paper_split(cfg.num_hidden_layers)
+    model = load_ouroboros(path, OuroborosConfig(n_prelude=p, recurrent_layer=r, n_coda=c),
+                           train.BASE_DTYPE[precision], dev).train()
+    optimizer = torch.optim.AdamW(model.trainable_parameters().values(), lr=1e-5, betas=(0.9, 0.95))
+    x, y = token_batch(cfg.vocab_size, 1, MEMORY["seq"], dev)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    else:
+        before = reset_peak()
+    with autocast(dev, precision):
+        h = model.hidden(x, MEMORY["depth"])
+        if loss == "chunked":
+            value = train.loss_from_states(h, y, model.base.head)
+        else:
+            value = train.next_token_loss(model.base.head(h), y)
+    value.backward()
+    optimizer.step()
+    peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else vm_hwm_bytes()
+    kept = sum(t.numel() * t.element_size() for t in [*model.base.parameters(), *model.buffers()])
+    trainable = sum(t.numel() * t.element_size() for t in model.trainable_parameters().values())
+    print(json.dumps(dict(increase=peak - before, kept=kept, trainable=trainable)))
+
+
+def command_peak_child(argv: list[str], train_py: str) -> None:
+    """In a fresh process: runs `python train_py argv` and prints that child's peak RSS."""
+    done = subprocess.run([sys.executable, train_py, *argv], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{train_py} {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    print(json.dumps(dict(peak=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)))
+
+
+def meta_ouroboros(cfg: DecoderConfig, split: tuple[int, int, int]) -> Ouroboros:
+    """Ouroboros at cfg's shapes on the meta device: sizes without memory."""
+    p, r, c = split
+    with torch.device("meta"):
+        base = Decoder(cfg, list(range(p)) + [r] + list(range(cfg.num_hidden_layers - c, cfg.num_hidden_layers)))
+        base.requires_grad_(False)
+        shapes = {k: base.get_parameter(f"model.layers.{r}.{name}.weight").shape for k, name in PROJECTIONS.items()}
+        bases = {k: (torch.zeros(32, n_in), torch.zeros(n_out, 32)) for k, (n_out, n_in) in shapes.items()}
+        return Ouroboros(base, OuroborosConfig(n_prelude=p, recurrent_layer=r, n_coda=c), bases)
+
+
+def saved_activation_bytes(model: Ouroboros, batch: int, seq: int, depth: int) -> int:
+    """What autograd keeps for backward in one fp32 training forward (and its chunked loss), counted exactly on the
+    meta device (shapes only): every saved tensor's storage once, weights excluded."""
+    x = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    saved = {}
+
+    def keep(t):
+        saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        train.loss_from_states(model.hidden(x, depth), x, model.base.head)
+    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    return sum(n for k, n in saved.items() if k not in weights)
+
+
+def memory_model(cfg: DecoderConfig, split, batch: int, seq: int, depth: int, precision: str = "fp32",
+                 checkpoint_steps: bool = False) -> dict:
+    """A training step's memory in bytes, by parts:
+    - weights: the kept layers, embedding, norms and LoRA bases, in the compute dtype;
+    - trainable: the fp32 trainables; their gradients as much again, AdamW's two moments twice that;
+    - activations: what autograd saves, counted in fp32 on the meta device: `per_step` for each recurrent step
+      (the Controller, the modulated layer, the step norm, the gate), plus the rest (the coda, the loss's chunk
+      inputs; the frozen prelude saves nothing). Under bf16 (one compute dtype) taken as half, a slight
+      underestimate: norm statistics, the pool's running sum and the loss stay fp32. With checkpoint_steps each
+      step keeps only its input state, and one step's state is rebuilt at a time in backward;
+    - loss: one chunk's transient in backward (logits, their fp32 copy, the log-softmax, its gradient).
+    The first step's peak above the loaded model: activations + loss + gradients (AdamW's moments are made after
+    backward has freed the activations); `total` is a later step's, with the moments."""
+    model = meta_ouroboros(cfg, split)
+    full = saved_activation_bytes(model, batch, seq, depth)
+    per_step = full - saved_activation_bytes(model, batch, seq, depth - 1)
+    rest, d = full - depth * per_step, cfg.hidden_size
+    half = 0.5 if precision == "bf16" else 1.0
+    steps = depth * batch * seq * d * 4 + per_step if checkpoint_steps else depth * per_step
+    activations = half * (rest + steps)
+    width = 2 if precision == "bf16" else 4
+    weights = width * sum(t.numel() for t in [*model.base.parameters(), *model.buffers()])
+    trainable = 4 * sum(p.numel() for p in model.trainable_parameters().values())
+    loss = 4 * 4 * min(train.LOSS_CHUNK, batch * seq) * cfg.vocab_size
+    step_peak = activations + loss + trainable  # the gradients: as large as the trainables
+    # From the second step on, AdamW's moments are there too: weights, trainables, moments, then the step's peak.
+    return dict(weights=weights, trainable=trainable, optimizer=2 * trainable, per_step=half * per_step,
+                activations=activations, loss=loss, step_peak=step_peak, total=weights + 3 * trainable + step_peak)
+
+
+def memory_suite(args) -> list[dict]:
+    """--memory: the training step's peak at 0.5B shapes with the chunked loss against the whole vocabulary's
+    logits, per precision the device runs natively; on the CPU also the whole `train.py --steps 1` command, against
+    the same command in another checkout (--baseline) when one is given."""
+    device = torch.device(args.device)
+    mib, rows = 2 ** 20, []
+    with tempfile.TemporaryDirectory(prefix="bench-") as work:
+        work = Path(work)
+        progress("writing a Qwen2.5-0.5B-shaped bf16 checkpoint")
+        path = write_random_checkpoint(QWEN_05B, work / "qwen05")
+        shape = f"0.5B shapes (vocab 151,936), 5/12/5, seq {MEMORY['seq']}, depth {MEMORY['depth']}, batch 1"
+        for precision in ("fp32", "bf16"):
+            if precision == "bf16" and not native_bf16(device):
+                rows.append(row(f"train step {shape}, bf16: skipped, no native bf16 here", None, None, "MiB"))
+                continue
+            progress(f"training-step memory, {precision}, fresh processes")
+            m = {loss: in_subprocess(f"step_memory_child({str(path)!r}, {precision!r}, {loss!r}, {args.device!r})",
+                                     FIXED_MMAP_THRESHOLD) for loss in ("chunked", "logits")}
+            what = "max allocated" if device.type == "cuda" else "peak RSS"
+            rows.append(row(f"train step {shape}, {precision}: {what} above the loaded model (alt: whole-vocabulary "
+                            "logits)", m["chunked"]["increase"] / mib, m["logits"]["increase"] / mib, "MiB",
+                            m["chunked"]["increase"] / m["logits"]["increase"], "chunked / logits"))
+            rows.append(row(f"  loaded model: kept weights and bases {m['chunked']['kept'] / mib:,.0f} MiB, trainables "
+                            f"{m['chunked']['trainable'] / mib:,.1f} MiB", None, None, "MiB"))
+            predicted = memory_model(QWEN_05B, paper_split(QWEN_05B.num_hidden_layers), 1, MEMORY["seq"],
+                                     MEMORY["depth"], precision)["step_peak"]
+            error = predicted / m["chunked"]["increase"] - 1
+            rows.append(row(f"  the memory model's prediction of that peak (alt: measured)", predicted / mib,
+                            m["chunked"]["increase"] / mib, "MiB", predicted / m["chunked"]["increase"],
+                            "predicted / measured", "within 15%", abs(error) <= 0.15))
+        for depth, batch, ckpt in ((8, 1, False), (8, 2, False), (16, 1, False), (16, 2, False), (8, 2, True),
+                                   (16, 2, True)):
+            m = memory_model(QWEN_3B, paper_split(QWEN_3B.num_hidden_layers), batch, MEMORY["seq"], depth, "bf16", ckpt)
+            rows.append(row(f"memory model, 3B shapes 8/18/8, seq {MEMORY['seq']}, bf16, depth {depth}, batch {batch}"
+                            f"{', --checkpoint-steps' if ckpt else ''}: weights {m['weights'] / 2 ** 30:.1f} + trainables, "
+                            f"grads, AdamW {4 * m['trainable'] / 2 ** 30:.2f} + activations {m['activations'] / 2 ** 30:.1f} "
+                            f"+ loss {m['loss'] / 2 ** 30:.2f} GiB", m["total"] / mib, None, "MiB"))
+        if device.type == "cpu":
+            corpus = generated_corpus(work / "corpus", 60_000)
+            shutil.copy(corpus / "tokenizer.json", path / "tokenizer.json")
+            argv = ["--model", str(path), "--data", str(corpus / "corpus.jsonl"), "--steps", "1", "--warmup", "0",
+                    "--seq-len", str(MEMORY["seq"]), "--depth", str(MEMORY["depth"]), "--batch-size", "1",
+                    "--grad-accum", "1", "--eval-windows", "1", "--eval-every", "0", "--precision", "fp32",
+                    "--device", "cpu", "--dev-fraction", "0.2", "--test-fraction", "0.2",
+                    "--token-cache", str(work / "tokens")]
+            peaks = {}
+            for which, root in (("ours", ROOT), ("baseline", args.baseline)):
+                if root is not None:
+                    progress(f"the whole train.py --steps 1 command ({which}), fresh process")
+                    out = ["--out", str(work / f"run-{which}")]
+                    peaks[which] = in_subprocess(f"command_peak_child({argv + out!r}, {str(Path(root) / 'train.py')!r})",
+                                                 FIXED_MMAP_THRESHOLD)["peak"] / mib
+            base = peaks.get("baseline")
+            rows.append(row(f"whole train.py --steps 1 (load, tokenise, one step, table on one window), {shape}, fp32: "
+                            "peak RSS (alt: --baseline's train.py)", peaks["ours"], base, "MiB",
+                            None if base is None else peaks["ours"] / base, "ours / baseline",
+                            "<= 0.6", None if base is None else peaks["ours"] <= 0.6 * base))
+    return rows
+
+
 def load_bf16(which: str, path) -> nn.Module:
     if which == "ours":  # the paper's split, 5 / 12 / 5 for 24 layers
         p, r, c = paper_split(load_config(path).num_hidden_layers)
@@ -646,6 +820,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads, here and in the subprocesses (default: torch's, one per core); "
                              "1 gives steadier ratios on a machine busy with other work")
     parser.add_argument("--json", type=Path, help="also write the table's rows to this JSON file")
+    parser.add_argument("--memory", action="store_true", help="instead: the training step's peak memory at "
+                        "Qwen2.5-0.5B's real shapes (seq 2048, depth 8), chunked loss against whole logits, and on "
+                        "the CPU the whole train.py --steps 1 command")
+    parser.add_argument("--baseline", type=Path, help="with --memory: another checkout whose train.py runs the same "
+                        "command, for the alternative column (e.g. a git worktree of an older commit)")
     args = parser.parse_args(argv)
     if args.repeats < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--repeats and --threads must be >= 1")
@@ -655,13 +834,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to torch")
     start, load_before = time.time(), os.getloadavg()[0]
-    rows = gpu_suite(args) if args.device == "cuda" else cpu_suite(args)
+    rows = memory_suite(args) if args.memory else gpu_suite(args) if args.device == "cuda" else cpu_suite(args)
     meta = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {os.cpu_count()} cores",
                 torch=torch.__version__, threads=torch.get_num_threads(), seconds=round(time.time() - start),
                 load_average_before=load_before, load_average_after=os.getloadavg()[0])
     header = [f"bench.py --device {args.device}: {meta['device']}, torch {meta['torch']}, {meta['threads']} threads, "
               f"{meta['seconds']} s, load average {load_before:.2f} before / {meta['load_average_after']:.2f} after"]
-    if args.device == "cuda":
+    if args.memory:
+        header += ["Each measurement in a fresh process (on the CPU with MALLOC_MMAP_THRESHOLD_=65536, so that RSS",
+                   "follows the live tensors). The step's peak is over what loading left: the activations, the loss,",
+                   "the gradients and AdamW's state. Random weights: memory does not depend on values."]
+    elif args.device == "cuda":
         header.append(f"MFU assumes a bf16 peak of {args.peak_flops / 1e12:.0f} TFLOP/s (--peak-flops)")
     else:
         header += [
