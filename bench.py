@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -482,16 +483,22 @@ def meta_ouroboros(cfg: DecoderConfig, split: tuple[int, int, int]) -> Ouroboros
 
 
 def saved_activation_bytes(model: Ouroboros, batch: int, seq: int, depth: int) -> int:
-    """What autograd keeps for backward in one fp32 training forward (and its chunked loss), counted exactly on the
-    meta device (shapes only): every saved tensor's storage once, weights excluded."""
-    x = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    """What autograd keeps for backward in one fp32 training forward (and its chunked loss): every saved tensor's
+    storage once, weights excluded. On the meta device (shapes only) it costs no memory at any size."""
+    x = torch.zeros(batch, seq, dtype=torch.long, device=model.base.model.embed_tokens.weight.device)
     saved = {}
 
     def keep(t):
         saved[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+    def flash(q, k, v, is_causal=False, **kwargs):
+        # The fused kernel a real run takes, which keeps q, k, v, the output and the log-sum-exp; on the meta
+        # device scaled_dot_product_attention would take the math path, which keeps the T x T weights.
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal)[0]
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+            mock.patch.object(F, "scaled_dot_product_attention", flash):
         train.loss_from_states(model.hidden(x, depth), x, model.base.head)
     weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     return sum(n for k, n in saved.items() if k not in weights)

@@ -35,3 +35,20 @@ def test_the_authors_way_gives_our_logits_and_gradients(tmp_path, trained):
     assert set(ref_params) == set(ours.trainable_parameters())
     for name, p in ours.trainable_parameters().items():
         torch.testing.assert_close(ref_params[name].grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_the_memory_models_meta_count_is_the_real_count():
+    """memory_model counts what autograd saves on the meta device; on real tensors the same forward saves the
+    same bytes, and the count grows by the same amount with every recurrent step (and less with checkpointing)."""
+    cfg = tiny.tiny_config(num_hidden_layers=5, vocab_size=300)
+    split = (1, 2, 1)
+    meta = bench.meta_ouroboros(cfg, split)
+    real = bench.meta_ouroboros(cfg, split).to_empty(device="cpu")  # the same module, with (garbage) CPU memory
+    for depth in (1, 2, 5):
+        assert bench.saved_activation_bytes(meta, 2, 40, depth) == bench.saved_activation_bytes(real, 2, 40, depth)
+    counts = [bench.saved_activation_bytes(meta, 2, 40, d) for d in (1, 2, 3, 4)]
+    steps = {b - a for a, b in zip(counts, counts[1:])}
+    assert len(steps) == 1 and steps.pop() > 2 * 40 * cfg.hidden_size * 4  # a step saves more than its input
+    plain = bench.memory_model(cfg, split, 2, 40, 4)
+    ckpt = bench.memory_model(cfg, split, 2, 40, 4, checkpoint_steps=True)
+    assert ckpt["activations"] < plain["activations"] and plain["total"] > plain["weights"] > 0
