@@ -561,7 +561,7 @@ def memory_suite(args) -> list[dict]:
             predicted = memory_model(QWEN_05B, paper_split(QWEN_05B.num_hidden_layers), 1, MEMORY["seq"],
                                      MEMORY["depth"], precision)["step_peak"]
             error = predicted / m["chunked"]["increase"] - 1
-            rows.append(row(f"  the memory model's prediction of that peak (alt: measured)", predicted / mib,
+            rows.append(row("  the memory model's prediction of that peak (alt: measured)", predicted / mib,
                             m["chunked"]["increase"] / mib, "MiB", predicted / m["chunked"]["increase"],
                             "predicted / measured", "within 15%", abs(error) <= 0.15))
         for depth, batch, ckpt in ((8, 1, False), (8, 2, False), (16, 1, False), (16, 2, False), (8, 2, True),

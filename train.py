@@ -299,8 +299,8 @@ def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None =
         scores = score(lambda x: model.eval().hidden_at(x, args.eval_depths), args.eval_depths, model.base.head, test,
                        args, device, name)
     rows = [reference_row("cut baseline", model.base, test, args, device)]
-    # The full model is never on the device beside the trained one: that goes to the CPU meanwhile.
-    model.to("cpu" if device.type == "cuda" else device)
+    if device.type == "cuda":  # the full model is never on the GPU beside the trained one, which waits on the CPU
+        model.to("cpu")
     rows.insert(0, reference_row("full model", load_model(args.model, BASE_DTYPE[args.precision], device), test, args,
                                  device))
     model.to(device)
