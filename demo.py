@@ -19,7 +19,9 @@ from load_qwen import save_model
 from model import Decoder, DecoderConfig
 from runs import CHECKPOINT, RunError, read_checkpoint
 
-DEMO_BASE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=4,
+# Sized so that the cold demo (BPE, tokenising, pretraining, two arms) takes about 3 minutes on a 2-core CPU with
+# native bf16 and about 5 without (fp32): pretraining is most of it. study.py pretrains an 8-layer sibling longer.
+DEMO_BASE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
                  num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True, torch_dtype="float32")
 DEMO_VOCAB = 4096
 # The base's recipe is fixed (only --pretrain-steps and --precision change it, and each base is cached under
@@ -27,27 +29,28 @@ DEMO_VOCAB = 4096
 DEMO_PRETRAIN = dict(seq_len=256, batch_size=4, grad_accum=1, lr=2e-3, warmup=20, min_lr_ratio=0.1,
                      weight_decay=0.1, clip=1.0, seed=0)
 # Flag defaults for the demo's arms, sized for a 2-core CPU; every flag can still override them.
-DEMO_ARM = dict(seq_len=256, batch_size=16, grad_accum=1, steps=80, warmup=5, lr=3e-4, depth=4,
+DEMO_ARM = dict(seq_len=256, batch_size=8, grad_accum=1, steps=80, warmup=5, lr=3e-4, depth=4,
                 dev_fraction=0.05, test_fraction=0.1, eval_windows=128, eval_every=0, log_every=25, save_every=50)
 
 
-def demo_base(args, cache: Path, device, train) -> Path:
+def demo_base(args, cache: Path, device, train, shape: dict = DEMO_BASE) -> Path:
     """The demo's base checkpoint directory: from the cache, or pretrained now with `train` (train.train). Its
-    files live beside the default token cache (~/.cache/ouroboros), or in a demo/ folder of --token-cache."""
+    files live beside the default token cache (~/.cache/ouroboros), or in a demo/ folder of --token-cache.
+    shape: the decoder's size (DEMO_BASE, or the study's larger base)."""
     root = cache.parent if args.token_cache is None else cache / "demo"
     tokenizer = demo_tokenizer(args.data, DEMO_VOCAB, args.dev_fraction, args.test_fraction, root)
     # The base depends on the data, its split, the recipe and the precision: any change pretrains another.
-    recipe = (f"{source_digest(args.data)}|{args.dev_fraction}|{args.test_fraction}|{DEMO_VOCAB}|{DEMO_BASE}|"
+    recipe = (f"{source_digest(args.data)}|{args.dev_fraction}|{args.test_fraction}|{DEMO_VOCAB}|{shape}|"
               f"{DEMO_PRETRAIN}|{args.pretrain_steps}|{args.precision}")
     base_dir = root / f"base-{hashlib.sha256(recipe.encode()).hexdigest()[:16]}"
     base_dir.mkdir(parents=True, exist_ok=True)
     with locked(base_dir / "lock"):  # two demos at once: one pretrains, the other then reads its base
         if not (base_dir / "model" / "config.json").is_file():
-            pretrain(args, tokenizer, cache, base_dir, device, train)
+            pretrain(args, tokenizer, cache, base_dir, device, train, shape)
     return base_dir / "model"
 
 
-def pretrain(args, tokenizer, cache: Path, base_dir: Path, device, train) -> None:
+def pretrain(args, tokenizer, cache: Path, base_dir: Path, device, train, shape: dict) -> None:
     streams = token_streams(args.data, tokenizer, args.dev_fraction, args.test_fraction, cache)
     # The arms' windows must fit too: a corpus too small for them is refused before minutes of pretraining.
     windows_for(streams, args.seq_len, args.seed, tokenizer.get_vocab_size(), eos_token_id(tokenizer))
@@ -58,7 +61,7 @@ def pretrain(args, tokenizer, cache: Path, base_dir: Path, device, train) -> Non
     # A --pretrain-steps shorter than the recipe's warmup (the tests' few steps) warms up over all of them.
     pargs = argparse.Namespace(**{**vars(args), **DEMO_PRETRAIN, "steps": args.pretrain_steps, "eval_every": 0,
                                   "stop_after": None, "warmup": min(DEMO_PRETRAIN["warmup"], args.pretrain_steps)})
-    cfg = DecoderConfig(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=pargs.seq_len, **DEMO_BASE)
+    cfg = DecoderConfig(vocab_size=tokenizer.get_vocab_size(), max_position_embeddings=pargs.seq_len, **shape)
     torch.manual_seed(pargs.seed)
     model = Decoder(cfg).to(device).train()
     (run_dir := base_dir / "pretrain").mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ import torch
 import train
 from controller import ConfigError, Ouroboros
 from data import DataError, splits as data_splits, token_cache
-from demo import DEMO_ARM, DEMO_PRETRAIN, demo_base
+from demo import DEMO_ARM, DEMO_BASE, DEMO_PRETRAIN, demo_base
 from load_qwen import CheckpointError, atomic_write, load_config, load_tokenizer
 from model import PROJECTIONS, Decoder
 from runs import CHECKPOINT, Parser, RunError, fmt_time, pick_device, read_checkpoint
@@ -45,7 +45,8 @@ GAP_BAR = 0.5  # nats: the cut must cost at least this much on dev. Never lowere
 PRACTICAL = 0.05  # differences under 5% of the full-to-cut gap are no practical difference
 LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2)  # the pilots' candidates, the paper's 3e-4 first
 RESAMPLES = 2000  # bootstrap resamples of test documents for every interval
-PRETRAIN_STEPS = 2880  # the demo's base recipe (demo.DEMO_PRETRAIN) pretrained 4x longer than the demo's 720
+PRETRAIN_STEPS = 2880  # the demo's recipe (demo.DEMO_PRETRAIN), 2,880 steps, on an 8-layer sibling of its base
+STUDY_BASE = {**DEMO_BASE, "num_hidden_layers": 8}
 DEPTH_CURVE = (1, 2, 4, 8, 16)
 # train.py flags of every run of the grid; the 4x longer runs multiply steps (and warmup, eval and save every).
 SIZES = {"study": dict(steps=200, batch_size=8, seq_len=256, grad_accum=1, warmup=20, eval_windows=512,
@@ -93,7 +94,7 @@ def base_model(opts, device) -> Path:
     # The base's recipe is the demo's, pretrained under bf16 autocast as the demo's is on this machine; its
     # weights are saved in fp32, and every row of the study (full, cut, arms) is trained and scored in fp32.
     args.pretrain_steps, args.precision = opts.pretrain_steps, "bf16"
-    return demo_base(args, token_cache(None), device, train.train)
+    return demo_base(args, token_cache(None), device, train.train, STUDY_BASE)
 
 
 def measure_ladder(opts, device, model_dir: Path) -> dict:
@@ -624,7 +625,7 @@ def describe_base(opts, model_dir: Path) -> dict:
     cfg = load_config(model_dir)
     return dict(seconds=state.get("seconds", 0.0), what=(
         f"the demo's Qwen2 ({cfg.num_hidden_layers} layers, d = {cfg.hidden_size}, vocabulary {cfg.vocab_size}) "
-        f"pretrained from scratch with the demo's recipe for **{state['step']} steps** (the demo: 720) of "
+        f"pretrained from scratch with the demo's recipe for **{state['step']} steps** (the demo's 6-layer base: 400) of "
         f"{DEMO_PRETRAIN['batch_size']} x {DEMO_PRETRAIN['seq_len']} tokens ({state['step'] * DEMO_PRETRAIN['batch_size'] * DEMO_PRETRAIN['seq_len'] / 1e6:.2f}M tokens), "
         f"lr {DEMO_PRETRAIN['lr']:g}, under bf16 autocast, in {fmt_time(state.get('seconds', 0.0))}, on the "
         "training split of the standard library's source (train / dev / test split by a hash of each file)"))

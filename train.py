@@ -108,7 +108,7 @@ def training_flags(a) -> None:
     a("--save-every", type=int, default=100, help="checkpoint every N steps (also at the end and on Ctrl-C)")
     a("--stop-after", type=int, help="stop with a checkpoint after N steps in this invocation (for time-sliced jobs)")
     a("--token-cache", help="tokenised corpora, shared by every run (default: ~/.cache/ouroboros/tokens)")
-    a("--pretrain-steps", type=int, default=720, help="demo only: optimizer steps pretraining its base model")
+    a("--pretrain-steps", type=int, default=400, help="demo only: optimizer steps pretraining its base model")
     a("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute and frozen-base dtype "
       "(trainables stay fp32); auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32. "

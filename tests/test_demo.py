@@ -9,8 +9,9 @@ import torch
 import tiny  # (also puts the project on sys.path)
 import data
 import demo
+import study
 import train
-from load_qwen import load_model, load_tokenizer
+from load_qwen import load_config, load_model, load_tokenizer
 
 
 
@@ -85,12 +86,22 @@ def test_the_base_follows_the_split_and_lives_in_token_cache(demo_run, tmp_path)
     assert not list(Path.cwd().glob("base-*"))
 
 
+def test_the_study_base_is_a_larger_sibling_with_its_own_cache_entry(demo_run, tmp_path):
+    root, corpus, argv = demo_run
+    args = train.build_parser().parse_args([*argv, "--token-cache", str(tmp_path / "tokens"), "--precision", "fp32"])
+    small = demo.demo_base(args, tmp_path / "tokens", torch.device("cpu"), train.train)
+    large = demo.demo_base(args, tmp_path / "tokens", torch.device("cpu"), train.train, study.STUDY_BASE)
+    assert small != large
+    assert load_config(small).num_hidden_layers == demo.DEMO_BASE["num_hidden_layers"] == 6
+    assert load_config(large).num_hidden_layers == study.STUDY_BASE["num_hidden_layers"] == 8
+
+
 def test_demo_with_steps_0_prints_the_references(demo_run, capsys):
     root, _, argv = demo_run
     argv = [a if a != str(root / "run") else str(root / "run0") for a in argv] + ["--steps", "0"]
     capsys.readouterr()
     assert train.main(argv) == 0
-    assert capsys.readouterr().out.count("cut baseline (5 layers) ") == 2  # dev and test
+    assert capsys.readouterr().out.count("cut baseline (3 layers) ") == 2  # dev and test
 
 
 def test_held_out_files_never_appear_in_training(demo_run):
