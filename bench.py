@@ -320,6 +320,7 @@ def authors_way_training(work: Path, repeats: int) -> list[dict]:
                 nn.init.normal_(ours.gate.weight, std=0.01)
             theirs = AuthorsWay(ours, path, dtype).train()
             compiled = copy.deepcopy(ours)
+            torch._dynamo.reset()  # each row compiles afresh: the rows before would fill dynamo's recompile limit
             train.compile_by_region(compiled)  # train.py --compile; it compiles during the warm-up round
             optimizers = {k: torch.optim.AdamW(m.trainable_parameters().values(), lr=1e-5, betas=(0.9, 0.95))
                           for k, m in (("ours", ours), ("theirs", theirs), ("compiled", compiled))}

@@ -298,11 +298,14 @@ def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None =
     if arms:
         scores = score(lambda x: model.eval().hidden_at(x, args.eval_depths), args.eval_depths, model.base.head, test,
                        args, device, name)
-    rows = [reference_row("cut baseline", model.base, test, args, device)]
-    if device.type == "cuda":  # the full model is never on the GPU beside the trained one, which waits on the CPU
-        model.to("cpu")
-    rows.insert(0, reference_row("full model", load_model(args.model, BASE_DTYPE[args.precision], device), test, args,
-                                 device))
+    # The reference rows are the same in every run of a checkpoint and split (--compare checks it to the last
+    # digit), so they never run --compile's kernels, whose rounding depends on what was compiled before.
+    with torch.compiler.set_stance("force_eager"):
+        rows = [reference_row("cut baseline", model.base, test, args, device)]
+        if device.type == "cuda":  # the full model is never on the GPU beside the trained one, which waits on the CPU
+            model.to("cpu")
+        rows.insert(0, reference_row("full model", load_model(args.model, BASE_DTYPE[args.precision], device), test,
+                                     args, device))
     model.to(device)
     if not arms:
         return rows
