@@ -239,7 +239,9 @@ class Ouroboros(nn.Module):
         if self.controller is None:
             return None
         # The input-blind control reads zeros instead of the pooled state: the same Controller, c from s alone.
-        p = self.pool(h, s, cache) if self.cfg.controller_input == "pooled" else h.new_zeros(1, 1, h.shape[-1])
+        # The static ablation reads nothing, so no pool is computed for it.
+        reads_input = self.cfg.controller == "dynamic" and self.cfg.controller_input == "pooled"
+        p = self.pool(h, s, cache) if reads_input else h.new_zeros(1, 1, h.shape[-1])
         c = (self.controller(p, s) * (self.cfg.alpha / self.cfg.rank)).to(h.dtype)  # (..., 7, r), the compute dtype
         return {k: [(getattr(self, f"lora_A_{k}"), getattr(self, f"lora_B_{k}"), c[..., j, :])]
                 for j, k in enumerate(PROJECTIONS)}

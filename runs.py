@@ -556,8 +556,9 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def world_rank() -> tuple[int, int]:
-    return (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+def rank_world() -> tuple[int, int]:
+    """(this process's rank, the number of processes), in the order init_distributed returns them."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 def agree(world: int, error: Exception | None = None, tensors: dict | None = None, what="trainable parameters",

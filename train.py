@@ -34,7 +34,7 @@ from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals,
                   check_flags, check_out_dir, check_resume, check_same_model, check_writable, clip_gradients, compare,
                   count_flops, flag_names, fmt_time, number, init_distributed, log_line, pick_device, read_checkpoint,
                   read_run_config, resolve_precision, print_counter, print_progress, restore, resume, skip_update,
-                  start_run, world_rank, write_results)
+                  start_run, rank_world, write_results)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,7 +258,7 @@ def score(forward, keys, head, split: Windows, args, device, what: str | None = 
     say; the logits are made from one key's states at a time, a chunk at a time), over
     --eval-windows windows spread over the whole split: {key: (mean loss, per-document mean losses)}. Under torchrun
     each process scores its share of the windows and the sums are taken over all; with `what`, a progress line."""
-    world, rank = world_rank()
+    rank, world = rank_world()
     indices = split.spread(args.eval_windows)
     n_docs = int(split.target_documents(indices[-1:]).max()) + 1
     count = torch.zeros(n_docs, dtype=torch.float64, device=device)
@@ -281,6 +281,9 @@ def score(forward, keys, head, split: Windows, args, device, what: str | None = 
 
 
 def arm_name(args) -> str:
+    if args.controller == "none" and args.no_gate and args.no_step_norm:  # nothing of the method left: the cut
+        adapters = f", LoRA {args.lora_layers} r{args.lora_rank}" if args.lora_layers != "none" else ""
+        return f"cut model{adapters}" + (", recurrent layer looped" if (args.depths or args.depth != 1) else "")
     name = {"dynamic": "Ouroboros", "static": "static per-step LoRA", "none": "gate + norm only"}[args.controller]
     ablations = [f for f, on in (("no gate", args.no_gate), ("no step norm", args.no_step_norm),
                                  ("mean pool", args.pool == "mean"), ("input-blind", args.controller_input == "none"),

@@ -44,6 +44,23 @@ def test_input_blind_controller_depends_on_the_step_only(ckpt):
     assert not torch.equal(dynamic.modulation(h1, 0, None)["q"][0][2][0, 0], dynamic.modulation(h2, 0, None)["q"][0][2][0, 0])
 
 
+@torch.no_grad()
+def test_only_the_input_reading_controller_computes_the_pool(ckpt, monkeypatch):
+    """The static ablation and the input-blind control ignore the pooled state, so it is never computed for them;
+    the dynamic Controller pools at every step."""
+    from controller import Ouroboros
+    calls = []
+    pool = Ouroboros.pool
+    monkeypatch.setattr(Ouroboros, "pool", lambda self, *a: calls.append(1) or pool(self, *a))
+    x = ids()
+    for controller, controller_input, expected in (("static", "pooled", 0), ("dynamic", "none", 0),
+                                                   ("dynamic", "pooled", 3)):
+        calls.clear()
+        model = load_ouroboros(ckpt, dataclasses.replace(CFG, controller=controller, controller_input=controller_input))
+        model(x, 3)
+        assert len(calls) == expected, (controller, controller_input)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # LoRA healing.
 
@@ -122,6 +139,7 @@ def test_plain_lora_through_the_command_line_prints_its_count(world, tmp_path, c
     per_layer = sum(2 * (i + o) for i, o in ((d, d), (d, 32), (d, 32), (d, d), (d, 96), (d, 96), (96, d)))
     assert rows[2]["trainable"] == layers * per_layer  # r (in + out) per projection, r = 2
     assert f"{layers * per_layer:,} trainable parameters" in capsys.readouterr().out
+    assert rows[2]["name"] == "cut model, LoRA all r2, depth 1"  # not "gate + norm only (no gate, ...)"
 
 
 @torch.no_grad()
