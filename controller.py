@@ -33,7 +33,7 @@ class OuroborosConfig:
     pool_dim: int = 256  # Controller: Linear(d, 256) on the pooled state
     step_dim: int = 128  # Controller: Embedding(max_depth, 128)
     hidden_dim: int = 256  # Controller: Linear(256 + 128, 256)
-    head_dim: int = 128  # Controller: Linear(256, 128), then the heads Linear(128, r)
+    mlp_out_dim: int = 128  # Controller: Linear(256, 128), then the heads Linear(128, r) (not attention's head_dim)
     gate_bias: float = -2.0  # sigmoid(-2) = 0.119: at init each step keeps 88% of the old state
     controller: str = "dynamic"  # dynamic | static (learned c per step, ignores input) | none (no LoRA)
     gate: bool = True  # False: h = h_new every step
@@ -116,11 +116,11 @@ class Controller(nn.Module):
         self.step_embed = nn.Embedding(cfg.max_depth, cfg.step_dim)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.pool_dim + cfg.step_dim, cfg.hidden_dim), nn.SiLU(),
-            nn.Linear(cfg.hidden_dim, cfg.head_dim), nn.SiLU(),
+            nn.Linear(cfg.hidden_dim, cfg.mlp_out_dim), nn.SiLU(),
         )
         # The seven heads Linear(128, r, bias=False), fused into one matrix. Zero-initialised: c = 0 at the
         # start, so the model begins as the plain looped layer.
-        self.heads = nn.Linear(cfg.head_dim, len(PROJECTIONS) * cfg.rank, bias=False)
+        self.heads = nn.Linear(cfg.mlp_out_dim, len(PROJECTIONS) * cfg.rank, bias=False)
         nn.init.zeros_(self.heads.weight)
 
     def forward(self, p: torch.Tensor, step: int) -> torch.Tensor:
