@@ -45,6 +45,24 @@ class OuroborosConfig:
     lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
     checkpoint_steps: bool = False  # recompute each step in backward, so memory does not grow with depth
 
+    def __post_init__(self):  # the choices, checked once when the config is made
+        if self.controller not in ("dynamic", "static", "none"):
+            raise ConfigError(f"controller must be dynamic, static or none, not {self.controller!r}")
+        if self.pool not in ("causal", "mean"):
+            raise ConfigError(f"pool must be causal or mean, not {self.pool!r}")
+        if self.controller_input not in ("pooled", "none"):
+            raise ConfigError(f"controller_input must be pooled or none, not {self.controller_input!r}")
+        if self.lora_layers not in ("none", "coda", "recurrent", "all"):
+            raise ConfigError(f"lora_layers must be none, coda, recurrent or all, not {self.lora_layers!r}")
+        if self.rank < 1 or self.max_depth < 1 or self.lora_rank < 1:
+            raise ConfigError("rank, lora_rank and max_depth must be >= 1")
+
+    def check_depth(self, depth: int, limit: str = "max_depth") -> None:
+        """The one depth check: the step embedding and the per-step norms have max_depth rows. limit: how the
+        caller names max_depth (train.py: --max-depth)."""
+        if not 1 <= depth <= self.max_depth:
+            raise ConfigError(f"depth {depth} is outside 1..{self.max_depth} ({limit}); choose a depth in that range")
+
     def split(self, n_layers: int) -> tuple[list[int], int, list[int], list[int]]:
         """(prelude, recurrent, coda, removed) layer indices of an n_layers-deep checkpoint."""
         p, rec, c = self.n_prelude, self.recurrent_layer, self.n_coda
@@ -56,16 +74,6 @@ class OuroborosConfig:
         if not p <= rec < n_layers - c:
             raise ConfigError(f"recurrent_layer {rec} must lie between the prelude and the coda, "
                               f"in {p}..{n_layers - c - 1} for this {n_layers}-layer checkpoint")
-        if self.controller not in ("dynamic", "static", "none"):
-            raise ConfigError(f"controller must be dynamic, static or none, not {self.controller!r}")
-        if self.pool not in ("causal", "mean"):
-            raise ConfigError(f"pool must be causal or mean, not {self.pool!r}")
-        if self.controller_input not in ("pooled", "none"):
-            raise ConfigError(f"controller_input must be pooled or none, not {self.controller_input!r}")
-        if self.lora_layers not in ("none", "coda", "recurrent", "all"):
-            raise ConfigError(f"lora_layers must be none, coda, recurrent or all, not {self.lora_layers!r}")
-        if self.rank < 1 or self.max_depth < 1 or self.lora_rank < 1:
-            raise ConfigError("rank, lora_rank and max_depth must be >= 1")
         prelude, coda = list(range(p)), list(range(n_layers - c, n_layers))
         removed = [i for i in range(p, n_layers - c) if i != rec]
         return prelude, rec, coda, removed
@@ -213,11 +221,6 @@ class Ouroboros(nn.Module):
                    "all": self.prelude + [self.recurrent] + self.coda}[cfg.lora_layers]
         self.adapters = Adapters(base, adapted, cfg.lora_rank, cfg.lora_alpha) if adapted else None
 
-    def check_steps(self, n_steps: int):
-        if not 1 <= n_steps <= self.cfg.max_depth:
-            raise ConfigError(f"depth {n_steps} is outside 1..{self.cfg.max_depth} (max_depth); "
-                              "choose a depth in that range")
-
     def pool(self, h: torch.Tensor, s: int, cache: RecurrentCache | None) -> torch.Tensor:
         if self.cfg.pool == "mean":
             # The paper's pool: every position sees the mean over the whole sequence, future tokens
@@ -273,7 +276,7 @@ class Ouroboros(nn.Module):
         how many steps follow, so the coda runs after each requested step. (States of d values per token: far
         smaller than the logits, which the caller makes from one depth at a time.)"""
         for d in depths:
-            self.check_steps(d)
+            self.cfg.check_depth(d)
         if cache is not None and len(set(depths)) > 1:
             raise ConfigError("generation runs at one depth; pass a single depth with a cache")
         layer = self.base.layer

@@ -350,9 +350,8 @@ def ouroboros_config(args, n_layers: int) -> OuroborosConfig:
     cfg.split(n_layers)
     trained = parse_depths(args.depths) if args.depths else [args.depth]
     args.eval_depths = parse_depths(args.score_depths, "--eval-depths") if args.score_depths else trained
-    for d in set(trained) | set(args.eval_depths):
-        if not 1 <= d <= args.max_depth:
-            raise ConfigError(f"depth {d} is outside 1..{args.max_depth} (--max-depth); choose a depth in that range")
+    for d in sorted(set(trained) | set(args.eval_depths)):
+        cfg.check_depth(d, "--max-depth")
     return cfg
 
 
