@@ -418,14 +418,14 @@ class Saver:
 
     def __call__(self, state: dict, interrupted: bool = False) -> None:
         if self.saved_step != state["step"]:
-            agree(self.world, tensors=self.params)
+            check_identical(self.world, self.params)
             error = None
             if self.rank == 0:
                 try:
                     save_checkpoint(self.out, self.params, self.optimizer, state)
                 except RunError as e:
                     error = e
-            agree(self.world, error)
+            raise_everywhere(self.world, error)
             self.saved_step = state["step"]
         if interrupted and self.rank == 0:
             print(f"\ninterrupted: checkpoint at step {state['step']} saved in {self.out}; continue with --resume",
@@ -561,27 +561,31 @@ def rank_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def agree(world: int, error: Exception | None = None, tensors: dict | None = None, what="trainable parameters",
-          extra: str = "") -> None:
-    """Called by every process at the same point. An error that any process met is raised on all of them as a
-    RunError: one process stopping alone would leave the others waiting for it in their next collective. With
-    `tensors` (and `extra`, a string), also checks that they are bit-identical everywhere."""
+def raise_everywhere(world: int, error: Exception | None) -> None:
+    """Called by every process at the same point: an error that any process met is raised on all of them as a
+    RunError, since one process stopping alone would leave the others waiting for it in their next collective."""
     if world == 1:
         if error is not None:
             raise error
         return
-    digest = None
-    if tensors is not None:
-        h = hashlib.sha256(extra.encode())
-        for t in tensors.values():
-            h.update(t.detach().cpu().flatten().view(torch.uint8).numpy())
-        digest = h.hexdigest()
     gathered = [None] * world
-    dist.all_gather_object(gathered, (None if error is None else str(error), digest))
-    errors = [e for e, _ in gathered if e is not None]
+    dist.all_gather_object(gathered, None if error is None else str(error))
+    errors = [e for e in gathered if e is not None]
     if errors:
         raise RunError(errors[0])
-    if len({d for _, d in gathered}) > 1:
+
+
+def check_identical(world: int, tensors: dict, what: str = "trainable parameters", extra: str = "") -> None:
+    """Called by every process at the same point: the tensors (and `extra`, a string such as a checkpoint's
+    fingerprint) must be bit-identical on every process, compared by one hash each."""
+    if world == 1:
+        return
+    h = hashlib.sha256(extra.encode())
+    for t in tensors.values():
+        h.update(t.detach().cpu().flatten().view(torch.uint8).numpy())
+    gathered = [None] * world
+    dist.all_gather_object(gathered, h.hexdigest())
+    if len(set(gathered)) > 1:
         raise RunError(f"the {what} differ between the processes, which should never happen in data-parallel "
                        "training; check that every process reads the same checkpoint and flags")
 

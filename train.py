@@ -30,8 +30,8 @@ from data import splits as data_splits
 from demo import DEMO_ARM, demo_base
 from load_qwen import (CheckpointError, atomic_write, fingerprint, load_config, load_model, load_ouroboros,
                        load_tokenizer, resolve_model)
-from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals, agree, all_mean, all_sum, autocast,
-                  check_flags, check_out_dir, check_resume, check_same_model, check_writable, clip_gradients, compare,
+from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals, all_mean, all_sum, autocast,
+                  check_flags, check_identical, check_out_dir, check_resume, check_same_model, check_writable, clip_gradients, compare,
                   count_flops, flag_names, fmt_time, number, init_distributed, log_line, pick_device, read_checkpoint,
                   read_run_config, resolve_precision, print_counter, print_progress, restore, resume, skip_update,
                   start_run, rank_world, write_results)
@@ -399,8 +399,8 @@ def run(args) -> int:
     try:
         # The trainables and the bases (small) are compared bit for bit; the frozen base by its checkpoint's
         # fingerprint, so that no process copies the whole base to the CPU to hash it.
-        agree(world, tensors=model.trainable_parameters() | dict(model.named_buffers()), extra=fingerprint(args.model),
-              what="trainable parameters, LoRA bases or base checkpoint")
+        check_identical(world, model.trainable_parameters() | dict(model.named_buffers()), extra=fingerprint(args.model),
+                        what="trainable parameters, LoRA bases or base checkpoint")
         if rank == 0 and checkpoint is None:
             start_run(out, args)
         if rank == 0:

@@ -1,9 +1,9 @@
 """Data-parallel training under torchrun, two CPU processes on gloo.
 
 How "both processes hold identical parameters" is shown: train.py itself checks it at every checkpoint (each
-process hashes its trainable parameters and `agree` compares the hashes; a mismatch stops the run with exit
+process hashes its trainable parameters and `check_identical` compares the hashes; a mismatch stops the run with exit
 code 2), so a 2-process run that exits 0 had bit-identical parameters on both ranks at every save. The test of
-`agree` below shows that the check does catch a difference. That the gradients are really averaged over both
+`check_identical` and `raise_everywhere` below shows that the check does catch a difference. That the gradients are really averaged over both
 processes' shares of the batch is shown by comparing rank 0's checkpoint with a 1-process run of the same
 global batch (2 processes x --grad-accum 1 = 1 process x --grad-accum 2): equal up to float summation order."""
 import contextlib
@@ -207,32 +207,32 @@ import runs
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 params = {{"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}}
-runs.agree(world, tensors=params)  # identical: passes
+runs.check_identical(world, params)  # identical: passes
 print(f"rank {{rank}}: identical ok", flush=True)
 if rank == 1:
     params["b"][2] += 1e-7  # one element, by one ulp (1.0 + 1e-7 rounds to 1.0 + 2**-23)
 for what in ("trainable parameters", "trainable parameters or LoRA bases"):
     try:
-        runs.agree(world, tensors=params, what=what)
+        runs.check_identical(world, params, what=what)
     except runs.RunError as e:
         print(f"rank {{rank}}: {{e}}", flush=True)
 params["b"][2] = 1.0  # the tensors agree again, the base checkpoints' fingerprints do not
 try:
-    runs.agree(world, tensors=params, what="base checkpoint", extra="abc" if rank == 0 else "abd")
+    runs.check_identical(world, params, what="base checkpoint", extra="abc" if rank == 0 else "abd")
 except runs.RunError as e:
     print(f"rank {{rank}}: {{e}}", flush=True)
-runs.agree(world, tensors=params, extra="same")
+runs.check_identical(world, params, extra="same")
 print(f"rank {{rank}}: same fingerprint ok", flush=True)
 error = runs.RunError("disk full on rank 0") if rank == 0 else None
 try:
-    runs.agree(world, error)
+    runs.raise_everywhere(world, error)
 except runs.RunError as e:
     print(f"rank {{rank}}: got {{e}}", flush=True)
 dist.destroy_process_group()
 '''
 
 
-def test_agree_raises_everywhere_and_catches_different_parameters(tmp_path):
+def test_an_error_is_raised_everywhere_and_different_parameters_are_caught(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE.format(root=str(ROOT)))
     proc = torchrun(str(script))
@@ -250,11 +250,11 @@ def test_start_up_agreement_compares_trainables_bases_and_the_fingerprint_not_th
                                                                                              monkeypatch):
     seen = {}
 
-    def record(world_size, error=None, tensors=None, what="", extra=""):
-        if tensors is not None and "base checkpoint" in what:
+    def record(world_size, tensors, what="", extra=""):
+        if "base checkpoint" in what:
             seen.update(names=set(tensors), extra=extra)
 
-    monkeypatch.setattr(train, "agree", record)
+    monkeypatch.setattr(train, "check_identical", record)
     assert train.main(flags(world, tmp_path / "run", "--steps", "1", "--warmup", "0")) == 0
     assert seen["extra"] == fingerprint(world[0])
     assert {f"lora_A_{k}" for k in ("q", "k", "v", "o", "gate", "up", "down")} <= seen["names"]
