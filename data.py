@@ -317,24 +317,37 @@ class Windows:
             indices.append(self._perm[1][j])
         return self.rows(indices)
 
-    def spread(self, k: int) -> list[int]:
+    def spread(self, k: int, per_document: int = 0) -> list[int]:
         """k windows spaced evenly from the first to the last (every window when k is 0 or >= n), so an
-        evaluation covers the whole split, not its first documents."""
-        if k <= 0 or k >= self.n:
-            return list(range(self.n))
-        return sorted(set(np.linspace(0, self.n - 1, k).round().astype(int).tolist()))
+        evaluation covers the whole split, not its first documents. per_document > 0 first keeps at most that many
+        windows of each document (a window's document: that of its middle target token), spaced evenly over it,
+        so that no long document holds most of the scored tokens."""
+        candidates = np.arange(self.n)
+        if per_document > 0:
+            middle = self._documents()[candidates * self.seq_len + self.seq_len // 2 + 1]
+            starts = np.flatnonzero(np.diff(middle, prepend=-1))  # each document's first window
+            keep = [run[np.unique(np.linspace(0, len(run) - 1, per_document).round().astype(int))]
+                    for run in np.split(candidates, starts[1:])]
+            candidates = np.concatenate(keep)
+        if 0 < k < len(candidates):
+            candidates = candidates[np.unique(np.linspace(0, len(candidates) - 1, k).round().astype(int))]
+        return candidates.tolist()
 
-    def coverage(self, k: int) -> dict:
-        """What an evaluation of spread(k) scores, for the table: windows, tokens and documents of the split."""
-        scored = self.spread(k)
+    def coverage(self, k: int, per_document: int = 0) -> dict:
+        """What an evaluation of spread(k, per_document) scores, for the table: windows, tokens and documents."""
+        scored = self.spread(k, per_document)
         return dict(windows=len(scored), tokens=len(scored) * self.seq_len, documents=self.documents_in(scored),
-                    split_windows=self.n, split_documents=int(np.count_nonzero(self.tokens == self.eos_id)))
+                    split_windows=self.n, split_documents=int(np.count_nonzero(self.tokens == self.eos_id))) | (
+            dict(windows_per_document=per_document) if per_document else {})
+
+    def _documents(self) -> np.ndarray:
+        if not hasattr(self, "_doc"):
+            self._doc = np.concatenate(([0], np.cumsum(self.tokens == self.eos_id)))  # token i: document _doc[i]
+        return self._doc
 
     def target_documents(self, indices) -> torch.Tensor:
         """(len(indices), seq_len): the document of each target token of the given windows."""
-        if not hasattr(self, "_doc"):
-            self._doc = np.concatenate(([0], np.cumsum(self.tokens == self.eos_id)))  # token i: document _doc[i]
-        return torch.from_numpy(np.stack([self._doc[j * self.seq_len + 1: j * self.seq_len + self.seq_len + 1]
+        return torch.from_numpy(np.stack([self._documents()[j * self.seq_len + 1: j * self.seq_len + self.seq_len + 1]
                                           for j in indices]))
 
     def documents_in(self, indices) -> int:

@@ -115,9 +115,10 @@ def check_flags(args) -> None:
     checks = [(f, getattr(args, f) >= 1, ">= 1") for f in ("seq_len", "batch_size", "grad_accum", "lora_rank",
                                                            "log_every", "save_every", "max_new_tokens", "top_k",
                                                            "pretrain_steps")]
-    checks += [(f, getattr(args, f) >= 0, ">= 0") for f in ("steps", "warmup", "eval_every", "eval_windows",
+    checks += [(f, getattr(args, f) >= 0, ">= 0") for f in ("steps", "warmup", "eval_every", "eval_windows", "eval_per_document",
                                                             "weight_decay", "temperature")]
     checks += [("stop_after", args.stop_after is None or args.stop_after >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),
+               ("lora_lr", args.lora_lr is None or args.lora_lr > 0, "> 0"),
                ("alpha", args.alpha > 0, "> 0"), ("lora_alpha", args.lora_alpha > 0, "> 0"), ("clip", args.clip > 0, "> 0"),
                ("min_lr_ratio", 0 <= args.min_lr_ratio <= 1, "in 0..1"),
                ("dev_fraction", 0 < args.dev_fraction < 1, "strictly between 0 and 1"),
@@ -211,16 +212,21 @@ def rewrite_log(out: Path, step: int) -> None:
 
 
 def comparison_table(rows: list[dict]) -> str:
-    """rows: name, kept (base parameters), trainable, loss and what was scored. The first two must be the full
-    model and the cut baseline; gap recovered = (cut - loss) / (cut - full)."""
-    cut, s = rows[1]["loss"], rows[0]
+    """rows: name, kept (base parameters), trainable, loss and what was scored. The first two are the full
+    model and the cut baseline, or (--no-reference-rows) no row has a gap recovered; gap recovered =
+    (cut - loss) / (cut - full)."""
+    s, gaps = rows[0], "gap_recovered" in rows[0]
     lines = [f"{s['split']} split: {s['windows']:,} of its {s['split_windows']:,} windows of {s['tokens'] // s['windows']} "
              f"tokens, spread over all of it: {s['tokens']:,} tokens scored, from {s['documents']:,} of its "
              f"{s['split_documents']:,} documents",
-             f"{'model':<34} {'params kept':>12} {'trainable':>11} {s['split'] + ' loss':>10} {'ppl':>9} {'gap recovered':>14}"]
+             f"{'model':<34} {'params kept':>12} {'trainable':>11} {s['split'] + ' loss':>10} {'ppl':>9}"
+             + (f" {'gap recovered':>14}" if gaps else "")]
     for r in rows:
         lines.append(f"{r['name']:<34} {r['kept']:>12,} {r['trainable']:>11,} {r['loss']:>10.4f} "
-                     f"{math.exp(min(r['loss'], 50)):>9.2f} {100 * r['gap_recovered']:>13.1f}%")
+                     f"{math.exp(min(r['loss'], 50)):>9.2f}" + (f" {100 * r['gap_recovered']:>13.1f}%" if gaps else ""))
+    if not gaps:
+        return "\n".join(lines + ["(the full model and the cut baseline are scored apart: --no-reference-rows)"])
+    cut = rows[1]["loss"]
     lines.append("gap recovered = (cut - loss) / (cut - full): the share of the loss the cut costs that a model wins "
                  "back (100%: the full model, 0%: the cut baseline).")
     for r in rows:
@@ -235,10 +241,13 @@ def comparison_table(rows: list[dict]) -> str:
 def write_results(out: Path, rows: list[dict], scored: dict, name: str = "results.json") -> None:
     """The comparison table: printed, and written to results.json with what was scored (`scored`: the split's
     windows and documents, and how many of them and how many tokens every row was scored on)."""
-    full, cut = rows[0]["loss"], rows[1]["loss"]
     scored = {"split": "test"} | scored
+    references = rows[0]["name"].startswith("full model")  # else --no-reference-rows: the arm's rows alone
     for r in rows:
-        r.update(scored, gap_recovered=(cut - r["loss"]) / (cut - full) if cut != full else float("nan"))
+        r.update(scored)
+        if references:
+            full, cut = rows[0]["loss"], rows[1]["loss"]
+            r["gap_recovered"] = (cut - r["loss"]) / (cut - full) if cut != full else float("nan")
     print(f"\nnext-token loss on the {scored['split']} split" + (f", {out}:" if out else ":") + f"\n{comparison_table(rows)}")
     if out is None:
         return

@@ -1,14 +1,17 @@
-"""The study: every claim of the paper re-measured on held-out text, with seeds, through train.py's own code.
+"""The study: every claim of the paper re-measured on held-out text, with seeds, through train.py's own code, on two
+bases: SmolLM2-135M-Instruct (a real pretrained Llama, 30 layers) and the demo's small Qwen2 pretrained here.
 
-    python study.py                                      the whole grid on the demo's base (resumable), RESULTS.md
+    python study.py                                      both bases (resumable): the real one first; RESULTS.md
+    python study.py --base smollm2                       one base (smollm2 or small)
     python study.py --report                             RESULTS.md and its figures from the finished runs alone
-    python study.py --model DIR --data PATH --out DIR    the same grid on a real checkpoint (a GPU)
-    python study.py --quick --out DIR                    tiny sizes, one seed, a few steps: the whole chain
+    python study.py --model DIR --data PATH --out DIR    the same protocol on another checkpoint (a hub id works)
+    python study.py --quick --data PATH --out DIR        tiny sizes, one seed, a few steps: the whole chain
 
-Read top to bottom: the protocol (fixed before any arm trains), the base and the rule that picks its cut, the
-learning-rate pilots, the grid, running it, then the statistics, the verdicts, and RESULTS.md with its figures.
-Every run is an ordinary train.py run in OUT/results/runs/<name>; a finished one (its results files exist) is never
-trained again, an interrupted one resumes from its checkpoint.
+Read top to bottom: the protocol (fixed before any arm trains), the bases and the rule that picks a cut, the
+reference rows and the untrained loops, the learning-rate pilots (one per arm, extended until the best is inside
+the grid), the length rule, the grid, running it, then the statistics, the verdicts, and RESULTS.md with figures.
+Every run is an ordinary train.py run in results/<base>/runs/<name>; a finished one (its results files exist) is
+never trained again, an interrupted one resumes from its checkpoint.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import train
 from controller import ConfigError, Ouroboros
 from data import DataError, splits as data_splits, token_cache
 from demo import DEMO_ARM, DEMO_BASE, DEMO_PRETRAIN, demo_base
-from load_qwen import CheckpointError, atomic_write, load_config, load_tokenizer
+from load_qwen import CheckpointError, atomic_write, load_config, load_tokenizer, resolve_model
 from model import PROJECTIONS, Decoder
 from runs import CHECKPOINT, Parser, RunError, fmt_time, pick_device, read_checkpoint
 
@@ -41,38 +44,65 @@ except ImportError:
 # The protocol. Fixed here, before any arm trains; changing it means a new study, not a re-run.
 
 SEEDS = (0, 1, 2)  # a seed fixes data order, depth draws and initialisation, the same for every arm: paired
-GAP_BAR = 0.5  # nats: the cut must cost at least this much on dev. Never lowered: pretrain longer instead
+GAP_BAR = 0.5  # nats: the rule's cut must cost at least this much on dev. Never lowered: pretrain longer instead
 PRACTICAL = 0.05  # differences under 5% of the full-to-cut gap are no practical difference
-LEARNING_RATES = (3e-4, 1e-3, 3e-3, 1e-2)  # the pilots' candidates, the paper's 3e-4 first
-RESAMPLES = 2000  # bootstrap resamples of test documents for every interval
-PRETRAIN_STEPS = 2880  # the demo's recipe (demo.DEMO_PRETRAIN), 2,880 steps, on an 8-layer sibling of its base
-STUDY_BASE = {**DEMO_BASE, "num_hidden_layers": 8}
+# The split of the corpus (by a hash of each file): a test split of >= MIN_DOCUMENTS files, none of which may hold
+# more than MAX_SHARE of the scored tokens: every evaluation scores at most the base's `per_document` windows of
+# each file, spaced evenly over it (the same cap on dev); a cap that leaves a file above MAX_SHARE is refused.
+DEV_FRACTION, TEST_FRACTION, MIN_DOCUMENTS, MAX_SHARE = 0.1, 0.2, 100, 0.05
+# Learning rates: a pilot per arm (seed 0, the base's pilot length, scored on dev) over these first candidates,
+# extended by one grid step (x3 or /3) towards the best until the best is an interior point.
+LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+FIRST_RATES = {"gated": (3e-4, 1e-3, 3e-3), "lora": (1e-3, 3e-3, 1e-2)}
+# The length rule: the dynamic arm at its chosen lr is trained for the base's max_steps with dev scored every
+# max_steps / 10 steps; the grid's length is the smallest T in (2/5, 3/5, 4/5, 1) x max_steps whose dev loss
+# improved by less than LENGTH_RULE of the dev gap over the last quarter (3T/4 to T, each the nearest
+# scored step); none: max_steps, the budget.
+LENGTH_RULE = 0.02
+RESAMPLES = 2000  # bootstrap resamples (seeds and test documents) for every interval
 DEPTH_CURVE = (1, 2, 4, 8, 16)
-# train.py flags of every run of the grid; the 4x longer runs multiply steps (and warmup, eval and save every).
-SIZES = {"study": dict(steps=200, batch_size=8, seq_len=256, grad_accum=1, warmup=20, eval_windows=512,
-                       eval_every=50, log_every=25, save_every=50, dev_fraction=0.05, test_fraction=0.1),
-         "quick": dict(steps=4, batch_size=2, seq_len=32, grad_accum=1, warmup=1, eval_windows=4, eval_every=2,
-                       log_every=2, save_every=2, dev_fraction=0.15, test_fraction=0.2)}
+LOOP_DEPTHS = (1, 2, 4, 8)  # the untrained loops are scored at these depths
+PRETRAIN_STEPS = 2880  # the small base: the demo's recipe, 2,880 steps in fp32, on an 8-layer sibling of its base
+STUDY_BASE = {**DEMO_BASE, "num_hidden_layers": 8}
 QUICK_PRETRAIN_STEPS = 3
 
-# The arms: label, learning-rate family, train.py flags. Matched LoRA ranks are filled in by the protocol.
+# The arms: label, the first candidates of its lr pilot, train.py flags. Ranks and splits are filled in later.
+NO_METHOD = ["--controller", "none", "--no-gate", "--no-step-norm", "--depth", "1"]
 ARMS = {
     "none": ("gate + norm only", "gated", ["--controller", "none"]),
     "static": ("static per-step LoRA", "gated", ["--controller", "static"]),
     "dynamic": ("dynamic Controller", "gated", ["--controller", "dynamic"]),
     "blind": ("input-blind Controller", "gated", ["--controller-input", "none"]),
-    "lora-cut": ("LoRA on the cut, no recurrence", "lora", ["--controller", "none", "--no-gate", "--no-step-norm",
-                                                            "--depth", "1", "--lora-layers", "all"]),
-    "lora-coda": ("LoRA on the coda, no recurrence", "lora", ["--controller", "none", "--no-gate", "--no-step-norm",
-                                                              "--depth", "1", "--lora-layers", "coda"]),
+    "lora-cut": ("LoRA on the cut, no recurrence", "lora", NO_METHOD + ["--lora-layers", "all"]),
+    "lora-cut-flops": ("LoRA on the cut, FLOP-matched", "lora", NO_METHOD + ["--lora-layers", "all"]),
+    "lora-coda": ("LoRA on the coda, no recurrence", "lora", NO_METHOD + ["--lora-layers", "coda"]),
+    "lora-full": ("LoRA on the full model (no cut)", "lora", NO_METHOD + ["--lora-layers", "all"]),
     "dynamic-coda": ("dynamic Controller + LoRA on the coda", "gated", ["--lora-layers", "coda"]),
     "nogate": ("dynamic Controller, no gate", "gated", ["--no-gate"]),
     "meanpool": ("dynamic Controller, whole-sequence mean pool", "gated", ["--pool", "mean"]),
 }
-CORE = ["none", "static", "dynamic", "blind", "lora-cut", "lora-coda", "dynamic-coda"]  # depth 4, every seed
-DEPTH_ONE = ["none", "static", "dynamic"]  # the paper's headline depth, every seed
-EXPLORATORY = ["nogate", "meanpool"]  # depth 4, seed 0
-LONG = ["none", "static", "dynamic"]  # depth 4, seed 0, 4x the steps
+# Arms without a pilot of their own: the FLOP-matched LoRA takes plain LoRA's lr; the combined arm takes the
+# dynamic arm's lr for its Controller and LoRA on the coda's lr and rank for its adapters (--lora-lr).
+BORROWS = {"lora-cut-flops": "lora-cut", "dynamic-coda": "dynamic"}
+
+# Per base: its sizes (train.py flags), the pilots' length and the length rule's budget, the arms. "-depth1"
+# is an arm at depth 1; "-paper" an arm at the paper's proportions of the base (when the rule picks another cut).
+BASES = {
+    "smollm2": dict(
+        title="SmolLM2-135M-Instruct", ladder=[(k, 15, k) for k in (14, 13, 12, 11, 10, 9, 8, 7)], paper=(7, 15, 7),
+        sizes=dict(seq_len=256, batch_size=2, grad_accum=1), pilot_steps=40, max_steps=120, per_document=2,
+        core=["none", "static", "dynamic", "blind", "lora-cut", "lora-coda", "dynamic-coda", "lora-full",
+              "lora-cut-flops"], depth_one=[], exploratory=[], paper_arms=["lora-cut", "static", "dynamic"]),
+    "small": dict(
+        title="Small base (pretrained here)", ladder=None, paper=None,
+        sizes=dict(seq_len=256, batch_size=4, grad_accum=1), pilot_steps=100, max_steps=400, per_document=4,
+        core=["none", "static", "dynamic", "blind", "lora-cut", "lora-coda", "dynamic-coda", "lora-full",
+              "lora-cut-flops"], depth_one=["none", "static", "dynamic"], exploratory=["nogate", "meanpool"],
+        paper_arms=[]),
+}
+QUICK = dict(sizes=dict(seq_len=32, batch_size=2, grad_accum=1), pilot_steps=4, max_steps=10, per_document=1,
+             core=["none", "static", "dynamic", "blind", "lora-cut", "lora-coda", "dynamic-coda", "lora-full",
+                   "lora-cut-flops"], depth_one=["dynamic"], exploratory=["nogate", "meanpool"], paper_arms=["dynamic"])
 
 
 def ladder(n_layers: int) -> list[tuple[int, int, int]]:
@@ -83,44 +113,88 @@ def ladder(n_layers: int) -> list[tuple[int, int, int]]:
                                (max(p // 2, 1), rec, max(c // 2, 1))]))
 
 
+def uncut(n_layers: int) -> tuple[int, int, int]:
+    """The split that keeps every layer (prelude, the recurrent layer, coda), for LoRA on the full model."""
+    return n_layers // 2, n_layers // 2, n_layers - n_layers // 2 - 1
+
+
 # ----------------------------------------------------------------------------------------------------------
-# The base and its cut.
+# The bases and their cuts.
+
+def base_spec(opts) -> dict:
+    spec = {**BASES[opts.base if opts.base in BASES else "smollm2"], **(QUICK if opts.quick else {})}
+    if opts.model or opts.quick:
+        spec.update(title=opts.model or "the tiny quick base", ladder=opts.ladder, paper=None)
+    return spec
+
 
 def base_model(opts, device) -> Path:
-    """--model, or the demo's base pretrained PRETRAIN_STEPS steps (cached like the demo's: pretrained once)."""
+    """--model (a directory or a hub id), SmolLM2-135M (converted once from its registry package), or the small
+    base pretrained PRETRAIN_STEPS steps in fp32 (cached like the demo's: pretrained once)."""
     if opts.model:
-        return Path(opts.model)
+        return resolve_model(opts.model)
+    if opts.base == "smollm2" and not opts.quick:
+        from smollm2 import smollm2
+        return smollm2()
     args = run_args([], opts)
-    # The base's recipe is the demo's, pretrained under bf16 autocast as the demo's is on this machine; its
-    # weights are saved in fp32, and every row of the study (full, cut, arms) is trained and scored in fp32.
-    args.pretrain_steps, args.precision = opts.pretrain_steps, "bf16"
+    # The demo's recipe, pretrained in fp32, which every CPU of the pool runs at full speed, so that a deleted run
+    # retrains to its committed numbers anywhere; its weights are saved in fp32 and every row is scored in fp32.
+    args.pretrain_steps, args.precision = opts.pretrain_steps, "fp32"
     return demo_base(args, token_cache(None), device, train.train, STUDY_BASE)
 
 
-def measure_ladder(opts, device, model_dir: Path) -> dict:
-    """Full and cut loss of every rung of the ladder on the dev split, the uniform and unigram losses, and
-    the rule's choice: the first rung whose cut costs >= GAP_BAR nats on dev while the cut still beats the
-    unigram model (it still uses context). Also the test documents' token counts, for the intervals."""
+def measure_ladder(opts, device, model_dir: Path, spec: dict) -> dict:
+    """Full and cut loss of every rung of the ladder on the dev split, the uniform and unigram losses, the
+    rule's choice (the first rung whose cut costs >= GAP_BAR nats on dev while the cut still beats the unigram
+    model), and the per-document cap of every evaluation (chosen on the test split's files)."""
     rungs, n_layers = [], load_config(model_dir).num_hidden_layers
-    for p, rec, c in opts.ladder or ladder(n_layers):
+    rule_ladder = spec["ladder"] or ladder(n_layers)
+    cuts = rule_ladder + ([spec["paper"]] if spec["paper"] and spec["paper"] not in rule_ladder else [])
+    args = run_args(["--model", str(model_dir), "--steps", "0"], opts)
+    qcfg = load_config(model_dir)
+    windows = data_splits(args.data, load_tokenizer(model_dir), qcfg.vocab_size, args.seq_len, args.seed,
+                          args.dev_fraction, args.test_fraction, token_cache(None))
+    cap, scored = per_document_cap(windows["test"], spec["per_document"], opts.quick)
+    print(f"test split: {scored['documents']} documents, {scored['tokens']:,} tokens scored (at most {cap} windows of "
+          f"each), the largest document {scored['max_share']:.1%} of them; {scored['effective_documents']:.0f} "
+          "effective documents", flush=True)
+    full = None
+    for p, rec, c in cuts:
         args = run_args(["--model", str(model_dir), "--n-prelude", str(p), "--recurrent-layer", str(rec),
-                         "--n-coda", str(c), "--steps", "0"], opts)
-        qcfg, model = train.prepare_arm(args, device)
-        windows = data_splits(args.data, load_tokenizer(model_dir), qcfg.vocab_size, args.seq_len, args.seed,
-                              args.dev_fraction, args.test_fraction, token_cache(None))
-        full, cut = train.table_rows(model, windows["dev"], args, device, arms=False)
-        rungs.append(dict(split=[p, rec, c], full=full["loss"], cut=cut["loss"], gap=cut["loss"] - full["loss"]))
-        print(f"ladder {p}/{rec}/{c}: dev loss full {full['loss']:.4f}, cut {cut['loss']:.4f}, "
-              f"gap {rungs[-1]['gap']:.4f}", flush=True)
+                         "--n-coda", str(c), "--steps", "0", f"--eval-per-document={cap}"], opts)
+        _, model = train.prepare_arm(args, device)
+        cut = train.reference_row("cut baseline", model.base, windows["dev"], args, device)["loss"]
+        if full is None:
+            full = train.reference_row("full model", train.load_model(str(model_dir), torch.float32, device),
+                                       windows["dev"], args, device)["loss"]
+        rungs.append(dict(split=[p, rec, c], full=full, cut=cut, gap=cut - full))
+        print(f"ladder {p}/{rec}/{c}: dev loss full {full:.4f}, cut {cut:.4f}, gap {cut - full:.4f}", flush=True)
     train_ids, dev_ids = windows["train"].tokens, windows["dev"].tokens[1:]
     counts = np.bincount(train_ids, minlength=qcfg.vocab_size) + 1.0  # add-one: every token possible
     unigram = float(-np.log(counts[dev_ids] / counts.sum()).mean())
     bar = 0.0 if opts.quick else GAP_BAR  # --quick checks the chain, not the numbers
-    chosen = choose_cut(rungs, unigram, bar, enforce=not opts.quick)
+    chosen = choose_cut(rungs[:len(rule_ladder)], unigram, bar, enforce=not opts.quick)
     test = windows["test"]
-    tokens = np.bincount(test.target_documents(test.spread(args.eval_windows)).flatten().numpy())
+    tokens = np.bincount(test.target_documents(test.spread(0, cap)).flatten().numpy())
     return dict(ladder=rungs, uniform=math.log(qcfg.vocab_size), unigram=unigram, split=chosen["split"],
-                gap_bar=bar, test_tokens_per_document=tokens.tolist(), vocab_size=qcfg.vocab_size)
+                paper=list(spec["paper"]) if spec["paper"] and list(spec["paper"]) != chosen["split"] else None,
+                gap_bar=bar, per_document=cap, test_tokens_per_document=tokens.tolist(), test_scored=scored,
+                vocab_size=qcfg.vocab_size, n_layers=n_layers)
+
+
+def per_document_cap(test, cap: int, quick: bool) -> tuple[int, dict]:
+    """Checks the base's cap of windows per document on the test split: at least MIN_DOCUMENTS documents scored,
+    none above MAX_SHARE of the scored tokens. Returns the cap and what it scores."""
+    tokens = np.bincount(test.target_documents(test.spread(0, cap)).flatten().numpy())
+    shares = tokens[tokens > 0] / tokens.sum()
+    scored = dict(documents=len(shares), tokens=int(tokens.sum()), max_share=float(shares.max()),
+                  effective_documents=float(1 / (shares ** 2).sum()))
+    if not quick and scored["documents"] < MIN_DOCUMENTS:
+        raise RunError(f"the test split scores {scored['documents']} documents, fewer than {MIN_DOCUMENTS}; pass --data "
+                       "with more documents")
+    if not quick and scored["max_share"] > MAX_SHARE:
+        raise RunError(f"a test document holds {scored['max_share']:.1%} of the scored tokens, above {MAX_SHARE:.0%}")
+    return cap, scored
 
 
 def choose_cut(rungs: list[dict], unigram: float, bar: float, enforce: bool = True) -> dict:
@@ -135,7 +209,7 @@ def choose_cut(rungs: list[dict], unigram: float, bar: float, enforce: bool = Tr
 
 def matched_ranks(model_dir: Path, split) -> dict:
     """LoRA ranks whose adapters have as many trainable parameters as the dynamic arm uses at depth 4 (counted
-    on the meta device: no weights read)."""
+    on the meta device: no weights read): on every kept layer of the cut, on its coda, on every layer uncut."""
     qcfg = load_config(model_dir)
     args = train.build_parser().parse_args(["--n-prelude", str(split[0]), "--recurrent-layer", str(split[1]),
                                             "--n-coda", str(split[2]), "--depth", "4"])
@@ -145,83 +219,198 @@ def matched_ranks(model_dir: Path, split) -> dict:
         dynamic = Ouroboros(Decoder(qcfg, prelude + [rec] + coda), cfg, {k: (torch.empty(1), torch.empty(1))
                                                                       for k in PROJECTIONS})
         used = dynamic.parameters_used(4)
-        per_rank = {}  # one rank of LoRA on every projection of a layer: in + out parameters each
-        for layers, name in ((prelude + [rec] + coda, "lora-cut"), (coda, "lora-coda")):
-            per_rank[name] = sum(sum(dynamic.base.get_parameter(f"model.layers.{i}.{p}.weight").shape)
-                                 for i in layers for p in PROJECTIONS.values())
-    return {name: max(1, round(used / n)) for name, n in per_rank.items()} | {"dynamic_used": used}
+        # one rank of LoRA on every projection of a layer: in + out parameters each (every layer has the same shapes)
+        per_layer = sum(sum(dynamic.base.get_parameter(f"model.layers.{rec}.{p}.weight").shape) for p in PROJECTIONS.values())
+    per_rank = {"lora-cut": per_layer * (len(prelude) + 1 + len(coda)), "lora-coda": per_layer * len(coda),
+                "lora-full": per_layer * qcfg.num_hidden_layers}
+    return {name: max(1, round(used / k)) for name, k in per_rank.items()} | {"dynamic_used": used}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The grid: every run's name, train.py flags, and the evaluations of the finished run it needs.
+# Rows that need no training: the full model and the cut baseline (scored once per cut and split, not once per
+# run), and the cut with its recurrent layer looped N times untrained (plain: h <- f(h); with the paper's gate at
+# its initialisation: h <- h + sigmoid(-2) (f(h) - h), no step norm).
+
+LOOPS = {"loop-plain": ("untrained loop, plain", ["--controller", "none", "--no-gate", "--no-step-norm"]),
+         "loop-gate": ("untrained loop, the paper's gate at init", ["--controller", "none", "--no-step-norm"])}
+
+
+def untrained_rows(opts, device, model_dir: Path, protocol: dict) -> dict:
+    """{cut: {"dev"|"test": [full, cut] rows, "loops": {loop: rows per depth on test}}}, rows with per-document losses."""
+    out = {}
+    for split in [protocol["split"]] + ([protocol["paper"]] if protocol["paper"] else []):
+        p, rec, c = split
+        depths = ",".join(map(str, LOOP_DEPTHS))
+        args = run_args(["--model", str(model_dir), "--n-prelude", str(p), "--recurrent-layer", str(rec),
+                         "--n-coda", str(c), "--steps", "0", "--depth", str(max(LOOP_DEPTHS)), "--eval-depths", depths]
+                        + cut_flags(protocol), opts)
+        qcfg, model = train.prepare_arm(args, device)
+        windows = data_splits(args.data, load_tokenizer(model_dir), qcfg.vocab_size, args.seq_len, args.seed,
+                              args.dev_fraction, args.test_fraction, token_cache(None))
+        key = "/".join(map(str, split))
+        out[key] = {s: train.reference_rows(model, windows[s], args, device) for s in ("dev", "test")}
+        out[key]["loops"] = {}
+        for loop, (what, flags) in LOOPS.items():
+            largs = run_args(["--model", str(model_dir), "--n-prelude", str(p), "--recurrent-layer", str(rec),
+                              "--n-coda", str(c), "--depth", str(max(LOOP_DEPTHS)), "--eval-depths", depths]
+                             + flags + cut_flags(protocol), opts)
+            _, looped = train.prepare_arm(largs, device)
+            scores = train.score(lambda x: looped.eval().hidden_at(x, list(LOOP_DEPTHS)), list(LOOP_DEPTHS),
+                                 looped.base.head, windows["test"], largs, device, what)
+            out[key]["loops"][loop] = [dict(name=f"{what}, depth {d}", depth=d, loss=scores[d][0],
+                                            per_document=scores[d][1]) for d in LOOP_DEPTHS]
+            print(f"{key} {what}: " + ", ".join(f"depth {d} {scores[d][0]:.4f}" for d in LOOP_DEPTHS), flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The runs: every run's name, train.py flags, and the evaluations of the finished run it needs.
 
 def run_args(argv: list[str], opts) -> argparse.Namespace:
-    """train.py's flags for one run: the study's sizes, then argv; --data None is the demo's corpus."""
+    """train.py's flags for one run: the base's sizes, then argv; --data None is the demo's corpus."""
     parser = train.build_parser()
     parser.set_defaults(**DEMO_ARM)
-    sizes = SIZES["quick" if opts.quick else "study"]
+    sizes = base_spec(opts)["sizes"] | dict(dev_fraction=DEV_FRACTION, test_fraction=TEST_FRACTION, eval_windows=0)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()] + ["--precision", "fp32"]
     args = parser.parse_args(flags + (["--device", opts.device] if opts.device else []) + argv)
     args.data = opts.data
     return args
 
 
-PILOTS = {"gated": "dynamic", "lora": "lora-cut"}  # the arm each family's learning rate is chosen on
+def cut_flags(protocol: dict) -> list[str]:
+    return [f"--eval-per-document={protocol['per_document']}"]
 
 
-def pilot_runs(protocol: dict, rates) -> dict:
-    """The learning-rate pilots: seed 0, depth 4, the core length, scored on dev (--table-split dev) only."""
-    return {f"pilot-{arm}-lr{lr:g}-s0": (arm_flags(arm, protocol, 4, 0, lr) + ["--table-split", "dev"], [])
-            for arm in PILOTS.values() for lr in rates}
+def arm_of(group: str) -> tuple[str, str]:
+    """'dynamic-depth1' -> ('dynamic', '-depth1'); 'lora-cut-paper' -> ('lora-cut', '-paper')."""
+    for suffix in ("-depth1", "-paper"):
+        if group.endswith(suffix):
+            return group[:-len(suffix)], suffix
+    return group, ""
 
 
-def chosen_lr(runs_dir: Path, rates) -> dict:
-    """Per family, the pilot learning rate with the lowest dev loss (every pilot must be finished)."""
-    best = {}
-    for family, arm in PILOTS.items():
-        losses = {lr: arm_loss(read_results(runs_dir / f"pilot-{arm}-lr{lr:g}-s0")) for lr in rates}
-        best[family] = min(losses, key=losses.get)
-    return best
-
-
-def arm_flags(arm: str, protocol: dict, depth: int, seed: int, lr: float, scale: int = 1) -> list[str]:
+def arm_flags(group: str, protocol: dict, seed: int, lrs: dict, steps: int, table: str = "test",
+              curve: bool = False) -> list[str]:
+    """train.py flags of one run of `group` (an arm, maybe with -depth1 or -paper) at seed, length `steps`."""
+    arm, suffix = arm_of(group)
     flags = list(ARMS[arm][2])
-    if arm in ("lora-cut", "lora-coda"):
-        flags += ["--lora-rank", str(protocol["ranks"][arm])]
-    elif "--depth" not in flags:
-        flags += ["--depth", str(depth)]
-    p, rec, c = protocol["split"]
+    split = protocol["paper"] if suffix == "-paper" else protocol["split"]
+    ranks = protocol["ranks_paper"] if suffix == "-paper" else protocol["ranks"]
+    lr = lrs[group if group in lrs else BORROWS.get(arm, arm) + suffix]
+    if arm.startswith("lora-"):
+        flags += ["--lora-rank", str(ranks["lora-cut" if arm == "lora-cut-flops" else arm])]
+    else:
+        flags += ["--depth", "1" if suffix == "-depth1" else "4"]
+    if arm == "dynamic-coda":
+        flags += ["--lora-rank", str(ranks["lora-coda"]), "--lora-lr", f"{lrs['lora-coda' + suffix]:g}"]
+    if arm == "lora-full":
+        split = uncut(protocol["n_layers"])
+    if arm == "lora-cut-flops":
+        steps = round(steps * protocol["flop_ratio"])
+    p, rec, c = split
     flags += ["--n-prelude", str(p), "--recurrent-layer", str(rec), "--n-coda", str(c), "--seed", str(seed),
-              "--lr", f"{lr:g}"]
-    if scale > 1:
-        sizes = SIZES["quick" if protocol["quick"] else "study"]
-        flags += [f"--{k.replace('_', '-')}={sizes[k] * scale}" for k in ("steps", "warmup", "eval_every", "save_every")]
+              "--lr", f"{lr:g}", f"--steps={steps}", f"--warmup={max(1, steps // 10)}", f"--save-every={max(1, steps // 4)}",
+              f"--log-every={max(1, steps // 10)}", f"--eval-every={max(1, steps // 5) if curve else 0}",
+              "--table-split", table, "--no-reference-rows"] + cut_flags(protocol)
     return flags
 
 
-def grid(protocol: dict, lrs: dict, quick: bool) -> dict:
-    """name -> (train.py flags, [(results file, its --eval-only flags)]). A run's group is its name without
-    the seed. Seed-major, so that a grid stopped half-way has every arm of the first seed."""
+def pilot_groups(spec: dict, protocol: dict) -> list[str]:
+    """Every arm that gets its own learning-rate pilot."""
+    groups = [a for a in spec["core"] + spec["exploratory"] if a not in BORROWS]
+    groups += [f"{a}-depth1" for a in spec["depth_one"]]
+    groups += [f"{a}-paper" for a in spec["paper_arms"] if protocol["paper"]]
+    return groups
+
+
+def pilot_name(group: str, lr: float) -> str:
+    return f"pilot-{group}-lr{lr:g}-s0"
+
+
+def pilot_rates(group: str, losses: dict) -> list[float]:
+    """The candidates a pilot needs now: the first ones, then one grid step beyond the best while the best is at
+    an end of what was tried (and not at an end of LR_GRID). losses: {lr: dev loss} of the finished pilots."""
+    tried = sorted(set(FIRST_RATES[ARMS[arm_of(group)[0]][1]]) | set(losses))
+    if any(lr not in losses for lr in tried):
+        return tried  # some candidates are not finished yet
+    best = min(losses, key=losses.get)
+    k = LR_GRID.index(best)
+    if best == tried[0] and k > 0:
+        return [LR_GRID[k - 1]] + tried
+    if best == tried[-1] and k < len(LR_GRID) - 1:
+        return tried + [LR_GRID[k + 1]]
+    return tried
+
+
+def pilot_state(spec: dict, protocol: dict, runs_dir: Path) -> tuple[dict, dict]:
+    """(the pilot runs needed now, {group: chosen lr} for the groups whose pilots are complete)."""
+    needed, chosen = {}, {}
+    for group in pilot_groups(spec, protocol):
+        losses = {}
+        while True:  # the candidates grow with the finished pilots' losses, until they are all finished
+            found = {lr: rows[0]["loss"] for lr in pilot_rates(group, losses)
+                     if (rows := read_results(runs_dir / pilot_name(group, lr)))}
+            if found == losses:
+                break
+            losses = found
+        rates = pilot_rates(group, losses)
+        for lr in rates:
+            needed[pilot_name(group, lr)] = (arm_flags(group, protocol, 0, {group: lr}, spec["pilot_steps"], "dev"), [])
+        if set(rates) <= set(losses):
+            chosen[group] = min(losses, key=losses.get)
+    return needed, chosen
+
+
+def length_run(protocol: dict, spec: dict, lrs: dict) -> dict:
+    """The length rule's run: the dynamic arm at its chosen lr for max_steps, dev scored every max_steps / 10."""
+    flags = arm_flags("dynamic", protocol, 0, lrs, spec["max_steps"], "dev")
+    flags[flags.index(f"--eval-every=0")] = f"--eval-every={max(1, spec['max_steps'] // 10)}"
+    return {"length-dynamic-s0": (flags, [])}
+
+
+def chosen_length(run_dir: Path, max_steps: int, dev_gap: float) -> dict:
+    """The length rule on the length run's dev curve (metrics.jsonl) and final dev loss (results.json)."""
+    curve = {r["step"]: r["dev_loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+             if "dev_loss" in r}
+    curve[max_steps] = read_results(run_dir)[0]["loss"]
+    checks = []
+    for k in (2, 3, 4, 5):
+        t = max_steps * k // 5
+        gain = nearest(curve, 3 * t // 4) - nearest(curve, t)
+        checks.append(dict(steps=t, gain=gain, share=gain / dev_gap))
+        if gain < LENGTH_RULE * dev_gap:
+            return dict(steps=t, checks=checks, budget_bound=False, curve=curve)
+    return dict(steps=max_steps, checks=checks, budget_bound=True, curve=curve)
+
+
+def nearest(curve: dict, step: int) -> float:
+    return curve[min(curve, key=lambda s: abs(s - step))]
+
+
+def grid(spec: dict, protocol: dict, lrs: dict, steps: int, quick: bool) -> dict:
+    """name -> (train.py flags, [(results file, its --eval-only flags)]). A run's group is its name without the
+    seed. Seed-major, so that a grid stopped half-way has every arm of the first seed."""
     runs = {}
-    lr = lambda arm: lrs[ARMS[arm][1]]  # noqa: E731
     depths = ",".join(str(d) for d in DEPTH_CURVE if not quick or d <= 4)
     curve = [(f"results-depths-{depths.replace(',', '-')}.json", ["--eval-depths", depths])]
+    one = lambda group, seed, evals=(): (arm_flags(group, protocol, seed, lrs, steps, curve=seed == 0), list(evals))  # noqa: E731
+
     for seed in SEEDS[:1] if quick else SEEDS:
-        for arm in CORE:  # depth 4 (the LoRA arms without recurrence: depth 1, their flags say so)
-            runs[f"{arm}-s{seed}"] = (arm_flags(arm, protocol, 4, seed, lr(arm)),
-                                      curve if seed == 0 and arm in DEPTH_ONE else [])
-        for arm in DEPTH_ONE:
-            runs[f"{arm}-depth1-s{seed}"] = (arm_flags(arm, protocol, 1, seed, lr(arm)), curve if seed == 0 else [])
-    for arm in EXPLORATORY:
+        for arm in spec["core"]:
+            runs[f"{arm}-s{seed}"] = one(arm, seed, curve if seed == 0 and arm in ("none", "static", "dynamic") else [])
+        for arm in spec["depth_one"]:
+            runs[f"{arm}-depth1-s{seed}"] = one(f"{arm}-depth1", seed, curve if seed == 0 else [])
+    for arm in spec["exploratory"]:
         leak = [("results-pool-causal.json", ["--eval-pool", "causal"])] if arm == "meanpool" else []
-        runs[f"{arm}-s0"] = (arm_flags(arm, protocol, 4, 0, lr(arm)), leak)
-    for arm in LONG:
-        runs[f"{arm}-long-s0"] = (arm_flags(arm, protocol, 4, 0, lr(arm), scale=4), [])
+        runs[f"{arm}-s0"] = one(arm, 0, leak)
+    if protocol["paper"]:
+        for arm in spec["paper_arms"]:
+            runs[f"{arm}-paper-s0"] = one(f"{arm}-paper", 0)
     return runs
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Running the grid: resumable, with an ETA for all of it.
+# Running: resumable, with an ETA for all of it.
 
 def train_py(argv: list[str], opts) -> None:
     """One train.py run in this process (its own checks, messages, checkpoints)."""
@@ -232,10 +421,10 @@ def train_py(argv: list[str], opts) -> None:
         raise RunError(f"train.py {' '.join(argv)} failed")
 
 
-def cost(flags: list[str], evals: list, steps: int) -> float:
+def cost(flags: list[str], evals: list) -> float:
     """A run's work in layer passes per window, for the ETA: training (forward and backward), then its tables."""
     get = lambda flag, default: int(flags[flags.index(flag) + 1]) if flag in flags else default  # noqa: E731
-    steps = next((int(f.split("=")[1]) for f in flags if f.startswith("--steps=")), steps)
+    steps = next(int(f.split("=")[1]) for f in flags if f.startswith("--steps="))
     layers = get("--n-prelude", 1) + get("--depth", 4) + get("--n-coda", 1)
     return 3 * steps * layers + 20 * layers + sum(5 * layers * len(extra[-1].split(",")) for _, extra in evals)
 
@@ -244,8 +433,7 @@ def run_grid(runs: dict, opts, out: Path, model_dir: Path, timing: dict) -> None
     """Trains (or resumes) every unfinished run in out/<name>, then its evaluations; each run's wall time goes to
     timing.json beside out."""
     todo = [name for name, (_, evals) in runs.items() if not finished(out / name, evals)]
-    steps = SIZES["quick" if opts.quick else "study"]["steps"]
-    work = {name: cost(flags, evals, steps) for name, (flags, evals) in runs.items()}
+    work = {name: cost(flags, evals) for name, (flags, evals) in runs.items()}
     done_work, spent, t0 = 0.0, 0.0, time.time()
     for k, name in enumerate(todo):
         flags, evals = runs[name]
@@ -265,22 +453,19 @@ def run_grid(runs: dict, opts, out: Path, model_dir: Path, timing: dict) -> None
         done_work, spent = done_work + work[name], time.time() - t0
         left = sum(work[n] for n in todo[k + 1:])
         print(f"[{k + 1}/{len(todo)} to run] {name} done in {fmt_time(time.time() - t)}; this invocation "
-              f"{fmt_time(spent)}, eta {fmt_time(spent / done_work * left)}", flush=True)
+              f"{fmt_time(spent)}, eta of this stage {fmt_time(spent / done_work * left)}", flush=True)
 
 
 def finished(run_dir: Path, evals: list) -> bool:
     return all((run_dir / f).is_file() for f in ["results.json"] + [f for f, _ in evals])
 
 
-def read_results(run_dir: Path, file: str = "results.json") -> list | None:
+def read_results(run_dir: Path, file: str = "results.json") -> list | dict | None:
     try:
         return json.loads((run_dir / file).read_text())
     except (OSError, ValueError):
         return None
 
-
-def arm_loss(rows: list | None) -> float | None:
-    return rows[2]["loss"] if rows else None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,19 +490,36 @@ def collect(runs_dir: Path, runs: dict) -> dict:
     return groups
 
 
-def doc_losses(run: dict, row: int = 2) -> np.ndarray:
-    """Per-document test losses of one row of a run (nan where a document had no scored token)."""
-    return np.array([np.nan if v is None else v for v in run["documents"][run["rows"][row]["name"]]])
+def arm_loss(run: dict) -> float:
+    return run["rows"][0]["loss"]  # --no-reference-rows: the arm's row (at its training depth) comes first
 
 
-def paired(a: np.ndarray, b: np.ndarray, tokens: np.ndarray, gap: float) -> dict:
-    """A minus B, per seed and as a mean over seeds, with a 95% interval from resampling test documents (the
-    same resample for every seed, so the pairing by seed and by document is kept). a, b: (seeds, documents)."""
+def doc_losses(run: dict) -> np.ndarray:
+    """Per-document test losses of a run's arm (nan where a document had no scored token)."""
+    return np.array([np.nan if v is None else v for v in run["documents"][run["rows"][0]["name"]]])
+
+
+def fixed_rows(untrained: dict, split: list) -> dict:
+    """The rows that need no training, on test, by group name: cut, full, and the untrained loops at each depth."""
+    cut = untrained["/".join(map(str, split))]
+    rows = {"full": cut["test"][0], "cut": cut["test"][1]}
+    for loop, per_depth in cut["loops"].items():
+        rows |= {f"{loop}-depth{r['depth']}": r for r in per_depth}
+    return rows
+
+
+def paired(a: np.ndarray, b: np.ndarray, tokens: np.ndarray, gap: float, seed: int = 0) -> dict:
+    """A minus B, per seed and as a mean over seeds, with a 95% interval that resamples the seeds and the test
+    documents (each resample: seeds drawn with replacement, documents drawn with replacement, the same documents
+    for every seed drawn, so the pairing by seed and by document is kept). a, b: (seeds, documents)."""
     keep = tokens > 0
     diff, w = (a - b)[:, keep], tokens[keep].astype(float)
     per_seed = diff @ w / w.sum()  # each seed's loss(A) - loss(B), weighted by tokens like the losses
-    idx = np.random.default_rng(0).integers(len(w), size=(RESAMPLES, len(w)))
-    boot = (diff.mean(0)[idx] * w[idx]).sum(1) / w[idx].sum(1)
+    rng = np.random.default_rng(seed)
+    docs = rng.integers(len(w), size=(RESAMPLES, len(w)))
+    seeds = rng.integers(len(diff), size=(RESAMPLES, len(diff)))
+    per_doc = (diff[:, docs] * w[docs]).sum(2) / w[docs].sum(1)  # (seeds, resamples): each seed on each resample
+    boot = np.take_along_axis(per_doc.T, seeds, axis=1).mean(1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return dict(per_seed=per_seed.tolist(), mean=float(per_seed.mean()), lo=float(lo), hi=float(hi),
                 verdict=verdict(per_seed, lo, hi, gap))
@@ -334,35 +536,48 @@ def verdict(per_seed: np.ndarray, lo: float, hi: float, gap: float) -> str:
     return "same" if -margin < lo and hi < margin else "cannot tell"
 
 
-# (A, B): A's loss minus B's; "cut" is the cut baseline scored in A's runs.
+# (A, B): A's loss minus B's. cut, full and the untrained loops (loop-plain-depthN, loop-gate-depthN) are rows
+# scored once per base; a comparison runs when both sides exist on the base.
 COMPARISONS = [
     ("dynamic-depth1", "static-depth1"), ("dynamic", "static"), ("dynamic", "none"), ("static", "none"),
-    ("dynamic", "blind"), ("dynamic", "lora-cut"), ("dynamic", "lora-coda"), ("dynamic-coda", "dynamic"),
-    ("dynamic-coda", "lora-coda"), ("dynamic", "dynamic-depth1"), ("dynamic", "cut"), ("none", "cut"),
-    ("dynamic-depth1", "cut"), ("lora-cut", "cut"), ("nogate", "cut"), ("nogate", "dynamic"),
-    ("dynamic-long", "static-long"), ("dynamic-long", "none-long"), ("static-long", "none-long"),
+    ("dynamic", "blind"), ("static", "blind"), ("blind", "none"),
+    ("dynamic", "lora-cut"), ("dynamic", "lora-cut-flops"), ("lora-cut-flops", "lora-cut"), ("dynamic", "lora-coda"),
+    ("dynamic-coda", "dynamic"), ("dynamic-coda", "lora-coda"), ("dynamic-coda", "lora-cut"),
+    ("lora-cut", "lora-full"), ("dynamic", "lora-full"), ("lora-full", "full"),
+    ("dynamic", "dynamic-depth1"), ("dynamic", "cut"), ("none", "cut"), ("dynamic-depth1", "cut"), ("lora-cut", "cut"),
+    ("nogate", "cut"), ("nogate", "dynamic"), ("dynamic", "loop-plain-depth4"), ("dynamic", "loop-gate-depth4"),
+    ("loop-gate-depth4", "cut"), ("dynamic-paper", "static-paper"), ("dynamic-paper", "lora-cut-paper"),
 ]
 
 
-def compare_groups(groups: dict, protocol: dict, gap: float) -> dict:
-    tokens, results = np.array(protocol["test_tokens_per_document"]), {}
+def compare_groups(groups: dict, fixed: dict, tokens: np.ndarray, gap: float) -> dict:
+    results = {}
     for a, b in COMPARISONS:
-        seeds = sorted(set(groups.get(a, {})) & (set(groups.get(a, {})) if b == "cut" else set(groups.get(b, {}))))
-        if not seeds:
+        if a not in groups or (b not in groups and b not in fixed):
             continue
+        seeds = sorted(set(groups[a]) & (set(groups[a]) if b in fixed else set(groups[b])))
         A = np.stack([doc_losses(groups[a][s]) for s in seeds])
-        B = np.stack([doc_losses(groups[a][s], 1) if b == "cut" else doc_losses(groups[b][s]) for s in seeds])
+        B = np.stack([fixed_docs(fixed[b]) if b in fixed else doc_losses(groups[b][s]) for s in seeds])
         results[(a, b)] = paired(A, B, tokens, gap) | {"seeds": seeds}
     return results
 
 
+def fixed_docs(row: dict) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in row["per_document"]])
+
+
 def label(group: str) -> str:
-    if group == "cut":
-        return "cut baseline"
-    for suffix, words in (("-depth1", ", depth 1"), ("-long", ", depth 4, 4x longer")):
-        if group.endswith(suffix):
-            return ARMS[group[:-len(suffix)]][0] + words
-    return ARMS[group][0] + ("" if ARMS[group][1] == "lora" else ", depth 4")
+    fixed = {"cut": "cut baseline", "full": "full model"}
+    if group in fixed:
+        return fixed[group]
+    if group.startswith("loop-"):
+        loop, depth = group.rsplit("-depth", 1)
+        return f"{LOOPS[loop][0]}, depth {depth}"
+    arm, suffix = arm_of(group)
+    words = {"-depth1": ", depth 1", "-paper": ", depth 4, the paper's cut"}.get(suffix, "")
+    if suffix == "-paper" and arm.startswith("lora-"):
+        words = ", the paper's cut"
+    return ARMS[arm][0] + (words or ("" if arm.startswith("lora-") else ", depth 4"))
 
 
 def said(comparison: tuple, result: dict) -> str:
@@ -389,7 +604,7 @@ HOLDS = {"A": {"A"}, "B": {"B"}, "same": {"same"}, "not A": {"B", "same"}}
 
 def claim_verdict(expect: str, result: dict | None) -> str:
     if result is None:
-        return "not measured yet"
+        return "not measured on this base"
     if result["verdict"] in HOLDS[expect]:
         return "holds"
     return "cannot tell" if result["verdict"] == "cannot tell" else "does not hold"
@@ -403,111 +618,299 @@ def table(header: list[str], rows: list[list]) -> list[str]:
                                                                             for r in rows]
 
 
-def arm_table(groups: dict, full: float, cut: float) -> list[str]:
+def interval(r: dict | None) -> str:
+    return f"{r['mean']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]" if r else "not measured"
+
+
+def summarise(base: dict) -> dict:
+    """Everything a base's part of RESULTS.md needs, from its outputs alone."""
+    protocol, untrained = base["protocol"], base["untrained"]
+    runs_dir = base["res"] / "runs"
+    groups = collect(runs_dir, base["runs"])
+    pilots = collect(runs_dir, base["pilots"])
+    fixed = fixed_rows(untrained, protocol["split"])
+    full, cut = fixed["full"]["loss"], fixed["cut"]["loss"]
+    adapted = np.mean([arm_loss(r) for r in groups["lora-full"].values()]) if "lora-full" in groups else None
+    tokens = np.array(protocol["test_tokens_per_document"])
+    results = compare_groups(groups, fixed, tokens, cut - full)
+    return dict(groups=groups, pilot_groups=pilots, fixed=fixed, full=full, cut=cut, gap=cut - full, adapted=adapted,
+                results=results)
+
+
+def write_report(out: Path, bases: list[dict], command: str) -> None:
+    """RESULTS.md and its figures, from the run directories alone (no model, no data needed)."""
+    for base in bases:
+        base |= summarise(base) if base["protocol"] else dict(results={})
+    done = {b["name"]: sum(finished(b["res"] / "runs" / n, e) for n, (_, e) in b["runs"].items()) for b in bases}
+    state = lambda b: (f"{done[b['name']]} of {len(b['runs'])} grid runs finished" if b["runs"] else  # noqa: E731
+                       "the grid has not started" if b["protocol"] else "not started")
+    lines = ["# Results: the paper's claims, re-measured on held-out text", "",
+             f"Written by `{command}` from the run directories in `results/<base>/runs/` ("
+             + ", ".join(f"{b['spec']['title']}: {state(b)}" for b in bases)
+             + "). Every loss is the next-token loss on the **test** split, in fp32, at the final step of each run; "
+             "the full model, the cut baseline and the untrained loops are scored once per base on the same tokens.", "",
+             "## Verdicts", ""]
+    header = ["claim of the paper", "paper"] + [f"{b['spec']['title']}: A - B [95% interval]; verdict" for b in bases]
+    lines += table(header, [[claim, number] + [
+        f"{interval(b['results'].get(c))}; **{claim_verdict(expect, b['results'].get(c))}**" for b in bases]
+        for claim, number, c, expect in CLAIMS])
+    lines += ["", "A - B: test loss of A minus B in nats, mean over seeds (negative: A is better), with a 95% interval "
+              "that resamples seeds and test documents. The paper's numbers are training losses on FineWeb-Edu with "
+              "Qwen2.5-3B; only the directions of the claims compare.", ""]
+    for base in bases:
+        lines += base_lines(base, out)
+    atomic_write(out / "RESULTS.md", lambda f: f.write_text("\n".join(lines) + "\n"))
+    print(f"wrote {out / 'RESULTS.md'}")
+
+
+def base_lines(b: dict, out: Path) -> list[str]:
+    lines = [f"## {b['spec']['title']}", ""]
+    if not b["protocol"]:
+        return lines + [f"Not started yet: `python study.py --base {b['name']}` runs it.", ""]
+    lines += protocol_lines(b)
+    if not b["groups"]:
+        return lines + ["The grid starts once every pilot and the length rule's run are finished; `python study.py` "
+                        "continues it.", ""]
+    groups, gap = b["groups"], b["gap"]
+    adapted = (f"; LoRA on the full model (the adapted full model, same parameter budget, trained the same way): "
+               f"{b['adapted']:.4f}" if b["adapted"] is not None else "")
+    lines += [f"### Every arm", "", f"Full model {b['full']:.4f}, cut baseline {b['cut']:.4f}: the cut costs "
+              f"{gap:.4f} nats on test{adapted}. **gap recovered** = (cut - arm) / (cut - full); **of the adapted "
+              "gap** = (cut - arm) / (cut - adapted full model): on a pretrained model every trained adapter also "
+              "learns the study's corpus, so the first can pass 100%; the second says how far an arm gets towards what "
+              "the same budget does without the cut. The verdicts' practical margin is 5% of the untouched gap (cut - "
+              "full), fixed before anything trained. trainable: parameters allocated; used: those a forward at the "
+              "training depth reads. Training FLOPs: matmul and attention FLOPs of forward and backward "
+              "(torch.utils.flop_counter) times the tokens seen.", ""]
+    lines += arm_table(b) + [""]
+    lines += [f"### Comparisons", "", f"A - B per seed, their mean, and a 95% interval from {RESAMPLES} resamples of "
+              "seeds and test documents. Verdict rule: *A beats B* when every seed agrees in sign, the interval "
+              f"excludes 0 and the mean is at least {PRACTICAL:.0%} of the gap ({PRACTICAL * gap:.4f} nats); *no "
+              f"practical difference* when the interval lies within +-{PRACTICAL:.0%} of the gap; otherwise *cannot "
+              "tell*. Rows without training (cut, full, untrained loops) are one fixed vector for every seed.", ""]
+    lines += comparison_table(b["results"], gap) + [""]
+    lines += depth_lines(b) + leak_lines(groups)
+    pictures = figures(b, b["res"])
+    lines += ["### Figures", ""] + [f"![{p}]({(b['res'] / p).relative_to(out)})" for p in pictures] + [""]
+    return lines
+
+
+def protocol_lines(b: dict) -> list[str]:
+    protocol, spec, length = b["protocol"], b["spec"], b["length"]
+    sizes, scored = spec["sizes"], protocol["test_scored"]
+    lines = ["### Protocol", "", f"- **Base**: {protocol['base']['what']}.",
+             f"- **The cut**, chosen by a rule fixed before any arm trained: the first split of the ladder whose "
+             f"full-to-cut gap on the dev split is at least {protocol['gap_bar']} nats while the cut still beats the "
+             f"unigram model of the training split ({protocol['unigram']:.3f} nats on dev; uniform: "
+             f"{protocol['uniform']:.3f}). Chosen: **{'/'.join(map(str, protocol['split']))}** (prelude / recurrent "
+             "layer / coda)" + (f"; the paper's proportions, **{'/'.join(map(str, protocol['paper']))}**, are "
+                                "reported beside it, outside the rule" if protocol["paper"] else "") + ". On dev:", ""]
+    lines += table(["split", "full", "cut", "gap", "qualifies"],
+                   [["/".join(map(str, r["split"])), f"{r['full']:.4f}", f"{r['cut']:.4f}", f"{r['gap']:.4f}",
+                     "yes" if r["gap"] >= protocol["gap_bar"] and r["cut"] < protocol["unigram"] else "no"]
+                    for r in protocol["ladder"]])
+    lines += ["", f"- **Test split**: {DEV_FRACTION:.0%} of the files are dev, {TEST_FRACTION:.0%} test (by a hash of "
+              f"each file). Every evaluation scores at most {protocol['per_document']} windows of {sizes['seq_len']} "
+              f"tokens of each file, spaced evenly over it: {scored['tokens']:,} test tokens from {scored['documents']} "
+              f"documents, the largest {scored['max_share']:.1%} of them, **{scored['effective_documents']:.0f} "
+              "effective documents** (1 / sum of squared token shares).",
+              f"- **Learning rates**, one pilot per arm on the dev split (seed 0, {spec['pilot_steps']} steps), over "
+              f"{', '.join(f'{lr:g}' for lr in FIRST_RATES['gated'])} (arms with the gate) or "
+              f"{', '.join(f'{lr:g}' for lr in FIRST_RATES['lora'])} (LoRA arms), extended by x3 towards the best "
+              "until the best is inside what was tried. The FLOP-matched LoRA takes plain LoRA's; the combined arm "
+              "takes the dynamic arm's for its Controller and LoRA on the coda's lr and rank for its adapters. Dev loss "
+              "(**best**):", ""]
     rows = []
-    for group, seeds in groups.items():
-        if group.startswith("pilot"):
-            continue
-        losses = np.array([run["rows"][2]["loss"] for run in seeds.values()])
+    for group in pilot_groups(spec, protocol):
+        lr = protocol["lrs"].get(group)  # None: its pilots are not finished
+        tried = sorted(x for x in LR_GRID if 0 in b["pilot_groups"].get(f"pilot-{group}-lr{x:g}", {}))
+        cells = {x: arm_loss(b["pilot_groups"][f"pilot-{group}-lr{x:g}"][0]) for x in tried}
+        rows.append([label(group), " ".join(("**" if x == lr else "") + f"{x:g}: {cells[x]:.4f}" + ("**" if x == lr else "")
+                                            for x in tried) + ("" if lr else " (pilots not finished)")])
+    lines += table(["arm", "lr: dev loss"], rows)
+    if length is None:
+        return lines + ["", "- **Training length**: the length rule's run is not finished yet.", ""]
+    checks = ", ".join(f"T = {c['steps']}: {c['gain']:+.4f} ({c['share']:.1%})" for c in length["checks"])
+    lines += ["", f"- **Training length**, by the rule fixed first: the dynamic arm at its lr trained {spec['max_steps']} "
+              f"steps with dev scored every {max(1, spec['max_steps'] // 10)}; the grid's length is the smallest T of "
+              f"2/5, 3/5, 4/5, 1 x {spec['max_steps']} whose dev loss fell by less than {LENGTH_RULE:.0%} of the dev gap "
+              f"from 3T/4 to T. Dev-loss gains: {checks}. **{length['steps']} steps**"
+              + (f": the rule was not met within the budget ({spec['max_steps']} steps is the most this base's grid "
+                 "can afford here), so the runs are shorter than the rule asks" if length["budget_bound"] else "") + ".",
+              f"- **Every run**: {length['steps']} optimizer steps of {sizes['batch_size']} windows of {sizes['seq_len']} "
+              f"tokens ({length['steps'] * sizes['batch_size'] * sizes['seq_len']:,} tokens), warmup 10%, cosine to 10%, "
+              "AdamW (0.9, 0.95), weight decay 0.01, clip 1.0, fp32; the FLOP-matched LoRA "
+              f"{round(length['steps'] * protocol['flop_ratio'])} steps ({protocol['flop_ratio']:.2f}x, the dynamic "
+              "arm's training FLOPs per token over plain LoRA's). Seeds " + ", ".join(
+                  map(str, SEEDS if not protocol["quick"] else SEEDS[:1])) + ": a seed fixes the data order, depth "
+              f"draws and initialisation, the same for every arm. LoRA ranks matched to the "
+              f"{protocol['ranks']['dynamic_used']:,} parameters the dynamic arm uses at depth 4: rank "
+              f"{protocol['ranks']['lora-cut']} on every kept layer, {protocol['ranks']['lora-coda']} on the coda, "
+              f"{protocol['ranks']['lora-full']} on every layer of the full model.",
+              f"- **Wall time** on the machine that ran it: {fmt_time(sum(b['timing'].values()) + protocol['base'].get('seconds', 0.0))} "
+              "(summed from timing.json, with the small base's pretraining).", ""]
+    return lines
+
+
+def arm_table(b: dict) -> list[str]:
+    full, cut, adapted = b["full"], b["cut"], b["adapted"]
+    rows = []
+    for group, seeds in b["groups"].items():
+        losses = np.array([arm_loss(run) for run in seeds.values()])
         first = next(iter(seeds.values()))
-        stats = first["stats"]
+        stats, row = first["stats"], first["rows"][0]
         spread = f" +- {losses.std(ddof=1):.4f}" if len(losses) > 1 else ""
-        rows.append([label(group), len(losses), f"{first['rows'][2]['trainable']:,}",
-                     f"{first['rows'][2]['trainable_used']:,}", f"{stats['tokens_seen']:,}",
-                     f"{stats['flops_per_token'] * stats['tokens_seen']:.2e}", f"{stats['tokens_per_s']:,.0f}",
-                     f"{losses.mean():.4f}{spread}", f"{losses.min():.4f}-{losses.max():.4f}",
-                     " ".join(f"{v:.4f}" for v in losses), f"{100 * (cut - losses.mean()) / (cut - full):.1f}%"])
-    return table(["arm", "seeds", "trainable", "used", "tokens", "training FLOPs", "tokens/s", "test loss mean +- std",
-                  "min-max", "per seed", "gap recovered"], rows)
+        ref = b["untrained"]["/".join(map(str, b["protocol"]["paper"]))]["test"] if group.endswith("-paper") else None
+        c, f = (ref[1]["loss"], ref[0]["loss"]) if ref else (cut, full)
+        rows.append([label(group), len(losses), f"{row['trainable']:,}", f"{row['trainable_used']:,}",
+                     f"{stats['tokens_seen']:,}", f"{stats['flops_per_token'] * stats['tokens_seen']:.2e}",
+                     f"{losses.mean():.4f}{spread}", " ".join(f"{v:.4f}" for v in losses),
+                     f"{100 * (c - losses.mean()) / (c - f):.1f}%",
+                     f"{100 * (cut - losses.mean()) / (cut - adapted):.1f}%" if adapted is not None and not ref else "-"])
+    for group, row in b["fixed"].items():
+        if group.startswith("loop") and not group.endswith("depth4"):
+            continue
+        rows.append([label(group), "-", "0", "0", "0", "0", f"{row['loss']:.4f}", "-",
+                     f"{100 * (cut - row['loss']) / (cut - full):.1f}%",
+                     f"{100 * (cut - row['loss']) / (cut - adapted):.1f}%" if adapted is not None else "-"])
+    return table(["arm", "seeds", "trainable", "used", "tokens", "training FLOPs", "test loss mean +- std", "per seed",
+                  "gap recovered", "of the adapted gap"], rows)
 
 
 def comparison_table(results: dict, gap: float) -> list[str]:
     rows = [[f"{label(a)} - {label(b)}", " ".join(f"{d:+.4f}" for d in r["per_seed"]), f"{r['mean']:+.4f}",
              f"[{r['lo']:+.4f}, {r['hi']:+.4f}]", f"{100 * r['mean'] / gap:+.1f}%", said((a, b), r)]
             for (a, b), r in results.items()]
-    return table(["A - B", "per seed", "mean", "95% interval (documents resampled)", "of the gap", "verdict"], rows)
+    return table(["A - B", "per seed", "mean", "95% interval (seeds and documents resampled)", "of the gap", "verdict"],
+                 rows)
 
 
-def depth_table(groups: dict) -> tuple[list[str], dict]:
+def depth_curves(b: dict) -> dict:
+    """{name: {depth: test loss}}: runs trained at depth 1 or 4 scored at other depths (seed 0), and the untrained loops."""
     curves = {}
-    for group, seeds in groups.items():
+    for group, seeds in b["groups"].items():
         for file, (rows, _) in seeds.get(0, {}).get("extra", {}).items():
             if file.startswith("results-depths"):
-                curves[group] = {int(r["name"].rsplit(" ", 1)[1]): r["loss"] for r in rows[2:]}
+                curves[label(group)] = {int(r["name"].rsplit(" ", 1)[1]): r["loss"] for r in rows}
+    for loop, (what, _) in LOOPS.items():
+        curves[what] = {int(g.rsplit("depth", 1)[1]): r["loss"] for g, r in b["fixed"].items() if g.startswith(loop)}
+    return curves
+
+
+def depth_lines(b: dict) -> list[str]:
+    curves = depth_curves(b)
     depths = sorted({d for c in curves.values() for d in c})
-    lines = table(["run (seed 0)", *[f"depth {d}" for d in depths]],
-                  [[label(g), *[f"{c[d]:.4f}" for d in depths]] for g, c in curves.items()])
-    return lines, curves
+    return ["### Depth: trained runs (seed 0) and the untrained loops scored at other depths", ""] + table(
+        ["run", *[f"depth {d}" for d in depths]],
+        [[name, *[f"{c[d]:.4f}" if d in c else "-" for d in depths]] for name, c in curves.items()]) + [""]
 
 
-def leak_lines(groups: dict, dynamic: dict | None) -> list[str]:
+def leak_lines(groups: dict) -> list[str]:
     run = groups.get("meanpool", {}).get(0)
     if run is None or "results-pool-causal.json" not in run["extra"]:
-        return ["Not measured yet."]
-    causal = run["extra"]["results-pool-causal.json"][0][2]["loss"]
-    mean = run["rows"][2]["loss"]
-    lines = [f"Trained with the whole-sequence mean pool (seed 0), scored with it: **{mean:.4f}**; the same weights "
-             f"scored with the causal pool, which cannot see later tokens: **{causal:.4f}** "
-             f"({causal - mean:+.4f})."]
-    if dynamic:
-        lines.append(f"The dynamic Controller trained with the causal pool (seed 0): {dynamic['rows'][2]['loss']:.4f}.")
+        return []
+    causal = run["extra"]["results-pool-causal.json"][0][0]["loss"]
+    mean = arm_loss(run)
+    lines = ["### The leak: the whole-sequence mean pool", "",
+             f"Trained with the whole-sequence mean pool (seed 0), scored with it: **{mean:.4f}**; the same weights "
+             f"scored with the causal pool, which cannot see later tokens: **{causal:.4f}** ({causal - mean:+.4f})."]
+    if 0 in groups.get("dynamic", {}):
+        lines.append(f"The dynamic Controller trained with the causal pool (seed 0): {arm_loss(groups['dynamic'][0]):.4f}.")
     lines.append("A score with the mean pool reads each window's later tokens through the Controller, so its loss is "
                  "not a next-token loss; the causal score is the honest one.")
-    return lines
+    return lines + [""]
 
 
-def length_lines(groups: dict) -> list[str]:
-    """The main arms' seed-0 losses at the grid's length and 4x it, ranked, so that a flipped ranking shows."""
-    loss = lambda group: groups[group][0]["rows"][2]["loss"] if 0 in groups.get(group, {}) else None  # noqa: E731
-    pairs = {arm: (loss(arm), loss(f"{arm}-long")) for arm in LONG}
-    if any(None in p for p in pairs.values()):
-        return ["Not measured yet.", ""]
-    rank = lambda i: " < ".join(ARMS[a][0] for a in sorted(pairs, key=lambda a: pairs[a][i]))  # noqa: E731
-    return table(["arm (depth 4, seed 0)", "1x", "4x"], [[ARMS[a][0], f"{x:.4f}", f"{y:.4f}"]
-                                                       for a, (x, y) in pairs.items()]) + [
-        "", f"Ranked by test loss, lowest first: at 1x {rank(0)}; at 4x {rank(1)}"
-        f"{' (the same order)' if rank(0) == rank(1) else ' (the order changes with training length)'}.", ""]
+# Colours by family: the method's arms in blues, plain LoRA in oranges, the combined arm purple, rows without
+# training in greys.
+FAMILY = {"none": "#9ecae1", "static": "#4292c6", "dynamic": "#08306b", "blind": "#6baed6", "nogate": "#c6dbef",
+          "meanpool": "#2171b5", "lora-cut": "#e6550d", "lora-cut-flops": "#fd8d3c", "lora-coda": "#fdae6b",
+          "lora-full": "#a63603", "dynamic-coda": "#756bb1"}
 
 
-def figures(groups: dict, results: dict, curves: dict, full: float, cut: float, where: Path) -> list[str]:
+def colour(group: str) -> str:
+    return FAMILY.get(arm_of(group)[0], "#969696")
+
+
+def figures(b: dict, where: Path) -> list[str]:
     if plt is None:
         raise RunError("the study's figures need matplotlib: pip install -r requirements-dev.txt")
     where.mkdir(parents=True, exist_ok=True)
-    arms = [g for g in groups if not g.startswith("pilot")]
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for x, g in enumerate(arms):
-        ax.plot([x] * len(groups[g]), [r["rows"][2]["loss"] for r in groups[g].values()], "o", alpha=0.7)
-    ax.axhline(full, color="green", ls="--", label=f"full model {full:.3f}")
-    ax.axhline(cut, color="red", ls="--", label=f"cut baseline {cut:.3f}")
-    ax.set_xticks(range(len(arms)), [label(g) for g in arms], rotation=60, ha="right", fontsize=7)
-    ax.set(ylabel="test loss (nats)", title="held-out loss per arm, one dot per seed")
-    ax.legend(fontsize=8)
-    plots = {"loss_per_arm.png": fig}
+    full, cut, gap, plots = b["full"], b["cut"], b["gap"], {}
+    share = lambda loss: 100 * (cut - loss) / gap  # noqa: E731
+    # 1. gap recovered per arm, one dot per seed, on a scale set by the bulk of the arms; outliers at the edge
+    entries = [(label(g), [share(arm_loss(r)) for r in s.values()], colour(g)) for g, s in b["groups"].items()
+               if not g.endswith("-paper")]
+    entries += [(label(g), [share(r["loss"])], "#969696") for g, r in b["fixed"].items()
+                if g.startswith("loop") and g.endswith("depth4")]
+    values = sorted(v for _, vs, _ in entries for v in vs)
+    lo = min(-10.0, np.percentile(values, 10) - 10) if values else -10.0
+    hi = max(110.0, np.percentile(values, 90) + 10) if values else 110.0
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(entries) + 1.4))
+    for y, (name, vs, c) in enumerate(entries):
+        for v in vs:
+            if lo <= v <= hi:
+                ax.plot(v, y, "o", color=c, ms=5, alpha=0.8)
+            else:  # off the scale: a marker at the edge with the value
+                edge = lo if v < lo else hi
+                ax.plot(edge, y, "<" if v < lo else ">", color=c, ms=7)
+                ax.annotate(f"{v:.0f}%", (edge, y), textcoords="offset points", xytext=(6 if v < lo else -30, 3), fontsize=7)
+        ax.plot(np.mean(vs), y, "|", color="black", ms=12)
+    ax.axvline(0, color="red", ls="--", lw=1, label="cut baseline")
+    ax.axvline(100, color="green", ls="--", lw=1, label="full model")
+    if b["adapted"] is not None:
+        ax.axvline(share(b["adapted"]), color="#a63603", ls=":", lw=1, label="LoRA on the full model (mean)")
+    ax.set_xlim(lo, hi)
+    ax.set_yticks(range(len(entries)), [e[0] for e in entries], fontsize=7)
+    ax.invert_yaxis()
+    ax.set(xlabel="gap recovered on test (%): (cut - arm) / (cut - full)",
+           title=f"{b['spec']['title']}: gap recovered, one dot per seed, | the mean")
+    ax.legend(fontsize=7, loc="lower right")
+    plots["gap_recovered.png"] = fig
+    # 2. dev loss during training (seed 0), by family colour, scaled to the full-to-cut range
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for g in arms:
-        run = groups[g].get(0)
-        log = [json.loads(line) for line in run["metrics"].read_text().splitlines()] if run else []
-        points = [(p["step"] * run["stats"]["tokens_seen"] / log[-1]["step"], p["dev_loss"]) for p in log
-                  if "dev_loss" in p]
+    dev = next(r for r in b["protocol"]["ladder"] if r["split"] == b["protocol"]["split"])
+    for g, seeds in b["groups"].items():
+        run = seeds.get(0)
+        if run is None or g.endswith("-paper"):
+            continue
+        log = [json.loads(line) for line in run["metrics"].read_text().splitlines()]
+        points = [(p["step"], p["dev_loss"]) for p in log if "dev_loss" in p]
         if points:
-            ax.plot(*zip(*points), ".-", label=label(g), lw=1)
-    ax.set(xlabel="training tokens", ylabel="dev loss (nats)", title="dev loss during training (seed 0)")
-    ax.legend(fontsize=6)
+            ax.plot(*zip(*points), ".-", color=colour(g), label=label(g), lw=1.2)
+    ax.axhline(dev["full"], color="green", ls="--", lw=1, label="full model (dev)")
+    ax.axhline(dev["cut"], color="red", ls="--", lw=1, label="cut baseline (dev)")
+    span = dev["cut"] - dev["full"]
+    ax.set_ylim(dev["full"] - 1.5 * span, dev["cut"] + 0.5 * span)
+    ax.set(xlabel="optimizer step", ylabel="dev loss (nats)", title=f"{b['spec']['title']}: dev loss during training (seed 0)")
+    ax.legend(fontsize=6, ncol=2)
     plots["dev_loss.png"] = fig
+    # 3. loss against the evaluation depth
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for g, c in curves.items():
-        ax.plot(sorted(c), [c[d] for d in sorted(c)], "o-", label=label(g))
-    ax.axhline(cut, color="red", ls="--", label="cut baseline")
-    ax.set(xscale="log", xlabel="evaluation depth", ylabel="test loss (nats)", title="loss against evaluation depth")
+    for name, c in depth_curves(b).items():
+        style = "s--" if name.startswith("untrained") else "o-"
+        ax.plot(sorted(c), [c[d] for d in sorted(c)], style, label=name)
+    ax.axhline(cut, color="red", ls="--", lw=1, label="cut baseline")
+    ax.axhline(full, color="green", ls="--", lw=1, label="full model")
+    ax.set_ylim(full - 1.5 * gap, cut + 1.5 * gap)
+    ax.set(xscale="log", xlabel="evaluation depth", ylabel="test loss (nats)",
+           title=f"{b['spec']['title']}: loss against evaluation depth (off the scale: far above the cut)")
     ax.legend(fontsize=7)
     plots["depth.png"] = fig
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(results) + 1.5))
-    for y, ((a, b), r) in enumerate(results.items()):
-        ax.errorbar(r["mean"], y, xerr=[[r["mean"] - r["lo"]], [r["hi"] - r["mean"]]], fmt="o", capsize=3)
-        ax.plot(r["per_seed"], [y] * len(r["per_seed"]), "k.", ms=3)
+    # 4. the paired differences, as shares of the gap
+    results = b["results"]
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(results) + 1.5))
+    for y, ((a, c), r) in enumerate(results.items()):
+        ax.errorbar(100 * r["mean"] / gap, y, xerr=[[100 * (r["mean"] - r["lo"]) / gap], [100 * (r["hi"] - r["mean"]) / gap]],
+                    fmt="o", capsize=3, color=colour(a))
+        ax.plot([100 * v / gap for v in r["per_seed"]], [y] * len(r["per_seed"]), "k.", ms=3)
     ax.axvline(0, color="gray")
-    ax.set_yticks(range(len(results)), [f"{label(a)} - {label(b)}" for a, b in results], fontsize=6)
-    ax.set(xlabel="paired difference in test loss (nats), 95% interval", title="A - B (negative: A is better)")
+    for m in (-100 * PRACTICAL, 100 * PRACTICAL):
+        ax.axvline(m, color="gray", ls=":", lw=1)
+    ax.set_yticks(range(len(results)), [f"{label(a)} - {label(c)}" for a, c in results], fontsize=6)
+    ax.invert_yaxis()
+    ax.set(xlabel="A - B as a share of the gap (%), 95% interval; dotted: the practical margin",
+           title=f"{b['spec']['title']}: A - B (negative: A is better)")
     plots["paired_differences.png"] = fig
     for name, fig in plots.items():
         fig.tight_layout()
@@ -516,151 +919,104 @@ def figures(groups: dict, results: dict, curves: dict, full: float, cut: float, 
     return list(plots)
 
 
-def mean_loss(groups: dict, group: str) -> str:
-    seeds = groups.get(group)
-    return f"{np.mean([r['rows'][2]['loss'] for r in seeds.values()]):.4f}" if seeds else "not run yet"
-
-
-def write_report(out: Path, protocol: dict, runs: dict, timing: dict, command: str) -> None:
-    """RESULTS.md and its figures, from the run directories alone (no model, no data needed)."""
-    res = out / "results"
-    groups = collect(res / "runs", runs)
-    first = next((seeds[min(seeds)] for group, seeds in groups.items() if not group.startswith("pilot")), None)
-    if first is None:
-        raise RunError(f"{res / 'runs'} holds no finished run yet; run python study.py to train the grid")
-    full, cut = first["rows"][0]["loss"], first["rows"][1]["loss"]
-    gap = cut - full
-    results = compare_groups(groups, protocol, gap)
-    depth_lines, curves = depth_table(groups)
-    pictures = figures(groups, results, curves, full, cut, res)
-    done = sum(1 for name, (_, evals) in runs.items() if finished(res / "runs" / name, evals))
-    scored = first["rows"][0]
-    lines = ["# Results: the paper's claims, re-measured on held-out text", "",
-             f"Written by `{command}` from the run directories in `results/runs/` ({done} of {len(runs)} runs "
-             f"finished{'' if done == len(runs) else ': the grid is not complete, every number below is from the runs that are'}). "
-             f"Every loss is the next-token loss on the **test** split, in fp32, at the final step of each run: "
-             f"{scored['windows']:,} windows of {scored['tokens'] // scored['windows']} tokens spread over the whole "
-             f"split, {scored['tokens']:,} tokens from {scored['documents']} documents, the same tokens for every row.", "",
-             "## Verdicts", ""]
-    lines += table(["claim of the paper", "paper", "ours (A - B, mean over seeds, 95% interval)", "verdict"],
-                   [[claim, number, f"{label(c[0])} - {label(c[1])}: " + (f"{results[c]['mean']:+.4f} "
-                     f"[{results[c]['lo']:+.4f}, {results[c]['hi']:+.4f}]" if c in results else "not run yet"),
-                     f"**{claim_verdict(expect, results.get(c))}**"] for claim, number, c, expect in CLAIMS])
-    lines += ["", "The paper's numbers are training losses on FineWeb-Edu with Qwen2.5-3B; ours are held-out losses "
-              "of a small base on the standard library's source, so the numbers are not comparable, only the "
-              "directions of the claims.", ""]
-    lines += protocol_lines(protocol, groups, timing)
-    lines += ["## Every arm", "", f"Full model {full:.4f}, cut baseline {cut:.4f}: the cut costs {gap:.4f} nats on "
-              "test. gap recovered = (cut - arm) / (cut - full), on the same tokens. trainable: parameters allocated; "
-              "used: those a forward at the training depth reads (unused step rows excluded). Training FLOPs: matmul "
-              "and attention FLOPs of forward and backward (torch.utils.flop_counter) times the tokens seen. "
-              "tokens/s: training only, on the machine that ran the study, which other work sometimes shared: "
-              "it says what a run cost there, not how fast an arm is.", ""]
-    lines += arm_table({g: s for g, s in groups.items()}, full, cut)
-    lines += ["", "## Comparisons", "", f"A - B per seed (negative: A is better), their mean, and a 95% interval of the "
-              f"mean from {RESAMPLES} resamples of test documents (each resample the same for every seed, keeping the "
-              f"pairing). Verdict rule: *A beats B* when every seed agrees in sign, the interval excludes 0 and the "
-              f"mean is at least {PRACTICAL:.0%} of the gap ({PRACTICAL * gap:.4f} nats); *no practical difference* when "
-              f"the interval lies within +-{PRACTICAL:.0%} of the gap; otherwise *cannot tell*. The arm table's +- is "
-              f"each arm's spread over seeds, which says little about a difference between arms trained on the same "
-              f"data orders; the paired difference does.", ""]
-    lines += comparison_table(results, gap)
-    lines += ["", "## The paper's table beside ours", ""]
-    lines += table(["depth", "paper: Controller", "paper: static", "ours: Controller", "ours: static"],
-                   [["1", "5.082", "6.519", mean_loss(groups, "dynamic-depth1"), mean_loss(groups, "static-depth1")],
-                    ["4", "5.075", "5.246", mean_loss(groups, "dynamic"), mean_loss(groups, "static")],
-                    ["8", "5.080", "5.119", "not trained", "not trained"]])
-    lines += ["", "## The leak: the whole-sequence mean pool", ""] + leak_lines(groups, groups.get("dynamic", {}).get(0))
-    lines += ["", "## Depth: runs trained at depth 1 or 4, evaluated at other depths", "", *depth_lines, ""]
-    lines += ["## Training length: the three main arms trained 4x longer (seed 0)", ""] + length_lines(groups)
-    lines += ["## Figures", ""] + [f"![{p}](results/{p})" for p in pictures]
-    atomic_write(out / "RESULTS.md", lambda f: f.write_text("\n".join(lines) + "\n"))
-    print(f"wrote {out / 'RESULTS.md'} and {len(pictures)} figures in {res}")
-
-
-def protocol_lines(protocol: dict, groups: dict, timing: dict) -> list[str]:
-    base = protocol["base"]
-    sizes = SIZES["quick" if protocol["quick"] else "study"]
-    lines = ["## Protocol", "", f"- **Base**: {base['what']}.",
-             f"- **The cut**, chosen by a rule fixed before any arm trained: the first split of the ladder whose "
-             f"full-to-cut gap on the dev split is at least {protocol['gap_bar']} nats while the cut still beats the "
-             f"unigram model of the training split ({protocol['unigram']:.3f} nats on dev; uniform: "
-             f"{protocol['uniform']:.3f}). Chosen: **{'/'.join(map(str, protocol['split']))}** "
-             "(prelude / recurrent layer / coda). The whole ladder, on dev:", ""]
-    lines += table(["split", "full", "cut", "gap", "qualifies"],
-                   [["/".join(map(str, r["split"])), f"{r['full']:.4f}", f"{r['cut']:.4f}", f"{r['gap']:.4f}",
-                     "yes" if r["gap"] >= protocol["gap_bar"] and r["cut"] < protocol["unigram"] else "no"]
-                    for r in protocol["ladder"]])
-    pilot = lambda arm, lr: groups.get(f"pilot-{arm}-lr{lr:g}", {}).get(0)  # noqa: E731
-    pilots = [[family, arm, *[f"{pilot(arm, lr)['rows'][2]['loss']:.4f}" if pilot(arm, lr) else "not run yet"
-                              for lr in rates(protocol["quick"])]] for family, arm in PILOTS.items()]
-    lines += ["", "- **Learning rates**, chosen on the dev split only: a pilot per family (seed 0, depth 4, the "
-              "grid's length), the lowest dev loss wins. gated: every arm with the gate; lora: the LoRA arms "
-              "without recurrence. Dev loss:", ""]
-    lines += table(["family", "pilot arm", *[f"lr {lr:g}" for lr in rates(protocol["quick"])]], pilots)
-    total = sum(timing.values()) + base.get("seconds", 0.0)
-    lines += ["", f"- **Every run**: {sizes['steps']} optimizer steps of {sizes['batch_size']} windows of "
-              f"{sizes['seq_len']} tokens ({sizes['steps'] * sizes['batch_size'] * sizes['seq_len']:,} tokens), "
-              f"warmup {sizes['warmup']}, cosine to 10%, AdamW (0.9, 0.95), weight decay 0.01, clip 1.0, fp32; the "
-              f"4x longer runs: 4x the steps. Seeds {', '.join(map(str, SEEDS if not protocol['quick'] else SEEDS[:1]))}: "
-              "a seed fixes the data order, depth draws and initialisation, the same for every arm. LoRA arms "
-              f"matched to the {protocol['ranks']['dynamic_used']:,} parameters the dynamic arm uses at depth 4: rank "
-              f"{protocol['ranks']['lora-cut']} on every kept layer, rank {protocol['ranks']['lora-coda']} on the coda.",
-              f"- **Wall time** of the whole study on the machine that ran it: {fmt_time(total)} (the base's "
-              f"pretraining, the ladder, every run and evaluation, summed from `results/timing.json`).", ""]
-    return lines
-
-
 # ----------------------------------------------------------------------------------------------------------
-# main
+# One base, from its protocol to its last run.
 
-def rates(quick: bool) -> tuple:
-    return LEARNING_RATES[:2] if quick else LEARNING_RATES
+def base_dir(opts) -> tuple[str, Path]:
+    name = "model" if opts.model else "small" if opts.quick else opts.base
+    return name, Path(opts.out) / "results" / name
 
 
 def describe_base(opts, model_dir: Path) -> dict:
-    if opts.model:
-        return dict(what=f"the checkpoint {opts.model}, data {opts.data}")
-    state = read_checkpoint(model_dir.parent / "pretrain")[0]
     cfg = load_config(model_dir)
+    shape = f"{cfg.num_hidden_layers} layers, d = {cfg.hidden_size}, vocabulary {cfg.vocab_size:,}"
+    if opts.model:
+        return dict(what=f"the checkpoint {opts.model} ({shape}), data {opts.data}")
+    if opts.base == "smollm2" and not opts.quick:
+        return dict(what=f"SmolLM2-135M-Instruct, a Llama ({shape}), pretrained and instruction-tuned by its authors, "
+                         "converted from its GGUF file by `python smollm2.py`; data: the standard library's source, "
+                         "which it was not tuned on")
+    state = read_checkpoint(model_dir.parent / "pretrain")[0]
     return dict(seconds=state.get("seconds", 0.0), what=(
-        f"the demo's Qwen2 ({cfg.num_hidden_layers} layers, d = {cfg.hidden_size}, vocabulary {cfg.vocab_size}) "
-        f"pretrained from scratch with the demo's recipe for **{state['step']} steps** (the demo's 6-layer base: 400) of "
-        f"{DEMO_PRETRAIN['batch_size']} x {DEMO_PRETRAIN['seq_len']} tokens ({state['step'] * DEMO_PRETRAIN['batch_size'] * DEMO_PRETRAIN['seq_len'] / 1e6:.2f}M tokens), "
-        f"lr {DEMO_PRETRAIN['lr']:g}, under bf16 autocast, in {fmt_time(state.get('seconds', 0.0))}, on the "
-        "training split of the standard library's source (train / dev / test split by a hash of each file)"))
+        f"the demo's Qwen2 ({shape}) pretrained from scratch with the demo's recipe for **{state['step']} steps** of "
+        f"{DEMO_PRETRAIN['batch_size']} x {DEMO_PRETRAIN['seq_len']} tokens "
+        f"({state['step'] * DEMO_PRETRAIN['batch_size'] * DEMO_PRETRAIN['seq_len'] / 1e6:.2f}M tokens), "
+        f"lr {DEMO_PRETRAIN['lr']:g}, in fp32, in {fmt_time(state.get('seconds', 0.0))}, on the training split of the "
+        "standard library's source"))
+
+
+def study_base(opts, device) -> dict:
+    """Runs (or, with --report, only reads) one base's study; returns what its part of RESULTS.md needs."""
+    name, res = base_dir(opts)
+    spec, runs_dir = base_spec(opts), res / "runs"
+    protocol, untrained = read_results(res, "protocol.json"), read_results(res, "untrained.json")
+    timing = read_results(res, "timing.json") or {}
+    if protocol is not None and protocol["quick"] != opts.quick:
+        raise RunError(f"{res} holds a study {'with' if protocol['quick'] else 'without'} --quick; pass another --out")
+    base = dict(name=name, spec=spec, protocol=protocol, untrained=untrained, timing=timing, res=res, pilots={},
+                runs={}, length=None)
+    if opts.report and (protocol is None or untrained is None):
+        return base  # not started: RESULTS.md says so
+    model_dir = None
+    save = lambda file, value: atomic_write(res / file, lambda f: f.write_text(json.dumps(value, indent=1)))  # noqa: E731
+    if protocol is None:
+        t = time.time()
+        model_dir = base_model(opts, device)
+        protocol = measure_ladder(opts, device, model_dir, spec) | dict(quick=opts.quick, base=describe_base(opts, model_dir))
+        protocol["ranks"] = matched_ranks(model_dir, protocol["split"])
+        protocol["ranks_paper"] = matched_ranks(model_dir, protocol["paper"]) if protocol["paper"] else None
+        timing["protocol"] = time.time() - t
+        res.mkdir(parents=True, exist_ok=True)
+        save("timing.json", timing)
+        save("protocol.json", protocol)
+    if untrained is None:
+        t = time.time()
+        model_dir = model_dir or base_model(opts, device)
+        untrained = untrained_rows(opts, device, model_dir, protocol)
+        timing["untrained rows"] = time.time() - t
+        save("timing.json", timing)
+        save("untrained.json", untrained)
+    base.update(protocol=protocol, untrained=untrained)
+
+    def stage(what: str, runs: dict) -> bool:
+        """Runs what is unfinished; False when something is (only with --report, which trains nothing)."""
+        nonlocal model_dir
+        if all(finished(runs_dir / n, e) for n, (_, e) in runs.items()):
+            return True
+        if opts.report:
+            return False
+        model_dir = model_dir or base_model(opts, device)
+        print(f"\n{name}, {what}: {len(runs)} runs in {runs_dir}", flush=True)
+        run_grid(runs, opts, runs_dir, model_dir, timing)
+        return True
+
+    while True:  # the pilots, extended until every arm's best learning rate is inside its candidates
+        pilots, lrs = pilot_state(spec, protocol, runs_dir)
+        base.update(pilots=pilots, protocol=protocol | dict(lrs=lrs))
+        if len(lrs) == len(pilot_groups(spec, protocol)):
+            break
+        if not stage("learning-rate pilots", pilots):
+            return base
+    stats = lambda group: read_results(runs_dir / pilot_name(group, lrs[group]), "stats.json")  # noqa: E731
+    protocol = protocol | dict(lrs=lrs, flop_ratio=stats("dynamic")["flops_per_token"] / stats("lora-cut")["flops_per_token"])
+    base["protocol"] = protocol
+    if not stage("length rule", length_run(protocol, spec, lrs)):
+        return base
+    dev_gap = next(r["gap"] for r in protocol["ladder"] if r["split"] == protocol["split"])
+    base["length"] = chosen_length(runs_dir / "length-dynamic-s0", spec["max_steps"], dev_gap)
+    base["runs"] = grid(spec, protocol, lrs, base["length"]["steps"], opts.quick)
+    stage("grid", base["runs"])
+    return base
 
 
 def study(opts) -> int:
-    out = Path(opts.out)
-    res, command = out / "results", "python study.py" + (" --quick" if opts.quick else "")
-    protocol = read_results(res, "protocol.json")
-    timing = read_results(res, "timing.json") or {}
-    if protocol is not None and protocol["quick"] != opts.quick:
-        raise RunError(f"{out} holds a study {'with' if protocol['quick'] else 'without'} --quick; pass another --out")
-    if opts.report:
-        if protocol is None:
-            raise RunError(f"{res / 'protocol.json'} is missing: nothing has run yet; run python study.py first")
-    device, model_dir = pick_device(opts.device), None
-    if protocol is None and not opts.report:
-        t = time.time()
-        model_dir = base_model(opts, device)
-        protocol = measure_ladder(opts, device, model_dir) | dict(quick=opts.quick, base=describe_base(opts, model_dir))
-        protocol["ranks"] = matched_ranks(model_dir, protocol["split"])
-        timing["protocol"] = time.time() - t
-        res.mkdir(parents=True, exist_ok=True)
-        atomic_write(res / "timing.json", lambda f: f.write_text(json.dumps(timing, indent=1)))
-        atomic_write(res / "protocol.json", lambda f: f.write_text(json.dumps(protocol, indent=1)))
-    pilots = pilot_runs(protocol, rates(opts.quick))
-    for stage in ("pilots", "grid"):
-        runs = pilots if stage == "pilots" else grid(protocol, chosen_lr(res / "runs", rates(opts.quick)), opts.quick)
-        if not opts.report and not all(finished(res / "runs" / n, e) for n, (_, e) in runs.items()):
-            model_dir = model_dir or base_model(opts, device)
-            print(f"\n{stage}: {len(runs)} runs in {res / 'runs'}", flush=True)
-            run_grid(runs, opts, res / "runs", model_dir, timing)
-        elif opts.report and stage == "pilots" and not all(finished(res / "runs" / n, []) for n in runs):
-            raise RunError("the learning-rate pilots are not finished; run python study.py to finish them")
-    write_report(out, protocol, pilots | runs, timing, command)
+    device = pick_device(opts.device)
+    names = [opts.base] if opts.base or opts.model or opts.quick else list(BASES)
+    done = []
+    for name in names:
+        opts.base = name
+        done.append(study_base(opts, device))
+    write_report(Path(opts.out), done, "python study.py" + (" --quick" if opts.quick else ""))
     return 0
 
 
@@ -675,15 +1031,16 @@ def parse_ladder(text: str) -> list[tuple[int, int, int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(description="The study: the paper's claims re-measured on held-out text, with seeds; writes "
-                           "RESULTS.md and its figures. Resumable: run it again to continue.")
-    p.add_argument("--model", help="a Qwen2/Qwen2.5 checkpoint directory; default: the demo's base, pretrained longer")
+    p = Parser(description="The study: the paper's claims re-measured on held-out text, with seeds, on two bases; "
+                           "writes RESULTS.md and its figures. Resumable: run it again to continue.")
+    p.add_argument("--base", choices=list(BASES), help="one base only (default: both, smollm2 first)")
+    p.add_argument("--model", help="another checkpoint (a directory or a hub id) instead of the two bases")
     p.add_argument("--data", help="with --model: the data (as train.py's --data); default: the demo's corpus")
     p.add_argument("--out", default=".", help="RESULTS.md goes here, the runs and figures under results/")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one seed, a few steps: checks the whole chain")
     p.add_argument("--report", action="store_true", help="only rebuild RESULTS.md and the figures from finished runs")
     p.add_argument("--ladder", help="with --model: the cuts to try, mildest first, e.g. 8/18/8,4/18/8,8/18/4")
-    p.add_argument("--pretrain-steps", type=int, help=f"the demo base's pretraining (default {PRETRAIN_STEPS}; "
+    p.add_argument("--pretrain-steps", type=int, help=f"the small base's pretraining (default {PRETRAIN_STEPS}; "
                                                        f"--quick: {QUICK_PRETRAIN_STEPS})")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     try:

@@ -40,8 +40,9 @@ from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals,
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description="Train Ouroboros (a looped decoder layer with input-conditioned LoRA) on a Qwen2 / Qwen2.5, "
                            "Llama or Qwen3 checkpoint. "
-                           "Without --model: the offline CPU demo, whose defaults are sized for a 2-core CPU "
-                           "(--steps 80 --seq-len 256 --batch-size 16 --grad-accum 1 --depth 4 ...).")
+                           "Without --model: the offline CPU demo, whose defaults are sized for a 2-core CPU ("
+                           + " ".join(f"--{k.replace('_', '-')} {DEMO_ARM[k]}" for k in ("steps", "seq_len", "batch_size",
+                                                                                        "grad_accum", "depth")) + " ...).")
     a = p.add_argument
     a("--model", help="a Qwen2/Qwen2.5, Llama or Qwen3 checkpoint: a directory (Hugging Face layout) or a hub id such "
                       "as Qwen/Qwen3-0.6B (fetched once into the Hugging Face cache; HF_HUB_OFFLINE=1 reads only the "
@@ -94,6 +95,7 @@ def training_flags(a) -> None:
     a("--batch-size", type=int, default=2, help="windows per micro-batch (per process)")
     a("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
     a("--lr", type=number, default=3e-4, help="peak learning rate")
+    a("--lora-lr", type=number, help="peak lr of the LoRA adapters of --lora-layers (default: --lr)")
     a("--min-lr-ratio", type=number, default=0.1, help="final learning rate as a fraction of --lr")
     a("--warmup", type=int, default=50, help="linear warmup, in optimizer steps")
     a("--weight-decay", type=number, default=0.01, help="AdamW's, on the Controller's and gate's matrices only")
@@ -102,6 +104,10 @@ def training_flags(a) -> None:
     a("--dev-fraction", type=number, default=0.01, help="share of documents in the dev split, read by --eval-every")
     a("--test-fraction", type=number, default=0.01, help="share of documents in the test split, read by the table")
     a("--eval-windows", type=int, default=256, help="windows per evaluation, spread over the split (0: all)")
+    a("--eval-per-document", type=int, default=0, help="at most N windows of each document per evaluation, "
+      "so that no long document holds most of the scored tokens (0: no cap)")
+    a("--no-reference-rows", action="store_true", help="the final table without the full model and the cut "
+      "baseline, which are the same for every run of a checkpoint and split (study.py scores them once)")
     a("--table-split", default="test", choices=["test", "dev"], help="the final table's; dev: to tune without test")
     a("--eval-every", type=int, default=200, help="dev-split evaluation every N steps (0: never)")
     a("--log-every", type=int, default=10, help="progress line every N steps")
@@ -180,11 +186,17 @@ def build_optimizer(model: torch.nn.Module, params: dict, args, device) -> torch
     layers (the Controller's and the gate's; every matrix of a model pretrained from scratch). Never on norms
     (a norm row no step reaches would shrink), step embeddings, the static c or biases."""
     linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    decay = [p for p in params.values() if id(p) in linear]
-    rest = [p for p in params.values() if id(p) not in linear]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}],
-                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    # --lora-lr: the LoRA adapters on kept layers (parameters named adapters.*) in groups of their own, at their own
+    # peak lr on the same schedule (the lr_scale of a group multiplies the scheduled lr).
+    lora_lr = getattr(args, "lora_lr", None)
+    apart = lora_lr is not None and lora_lr != args.lr
+    groups = []
+    for adapters in ((False, True) if apart else (None,)):
+        mine = [p for n, p in params.items() if adapters is None or n.startswith("adapters.") == adapters]
+        scale = lora_lr / args.lr if adapters else 1.0
+        groups += [{"params": [p for p in mine if id(p) in linear], "weight_decay": args.weight_decay, "lr_scale": scale},
+                   {"params": [p for p in mine if id(p) not in linear], "weight_decay": 0.0, "lr_scale": scale}]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
 def train(forward, head, model: torch.nn.Module, data: Windows, dev: Windows | None, args, out: Path, device,
@@ -208,7 +220,7 @@ def train(forward, head, model: torch.nn.Module, data: Windows, dev: Windows | N
                     break
                 lr = get_lr(step, args)
                 for group in optimizer.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
                 depth = depth_at(step, args) if looped else None
                 loss_sum = torch.zeros((), device=device)
                 for micro in range(args.grad_accum):
@@ -259,7 +271,7 @@ def score(forward, keys, head, split: Windows, args, device, what: str | None = 
     --eval-windows windows spread over the whole split: {key: (mean loss, per-document mean losses)}. Under torchrun
     each process scores its share of the windows and the sums are taken over all; with `what`, a progress line."""
     rank, world = rank_world()
-    indices = split.spread(args.eval_windows)
+    indices = split.spread(args.eval_windows, args.eval_per_document)
     n_docs = int(split.target_documents(indices[-1:]).max()) + 1
     count = torch.zeros(n_docs, dtype=torch.float64, device=device)
     sums = {key: torch.zeros_like(count) for key in keys}  # on every process, even one with no windows to score
@@ -301,21 +313,26 @@ def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None =
     if arms:
         scores = score(lambda x: model.eval().hidden_at(x, args.eval_depths), args.eval_depths, model.base.head, test,
                        args, device, name)
-    # The reference rows are the same in every run of a checkpoint and split (--compare checks it to the last
-    # digit), so they never run --compile's kernels, whose rounding depends on what was compiled before.
-    with torch.compiler.set_stance("force_eager"):
-        rows = [reference_row("cut baseline", model.base, test, args, device)]
-        if device.type == "cuda":  # the full model is never on the GPU beside the trained one, which waits on the CPU
-            model.to("cpu")
-        rows.insert(0, reference_row("full model", load_model(args.model, BASE_DTYPE[args.precision], device), test,
-                                     args, device))
-    model.to(device)
+    rows = [] if arms and args.no_reference_rows else reference_rows(model, test, args, device)
     if not arms:
         return rows
     used = model.parameters_used(max(parse_depths(args.depths) if args.depths else [args.depth]))  # in training
     return rows + [dict(name=f"{name}, depth {d}", kept=count(model.base.parameters()), control=control,
                         trainable=count(model.trainable_parameters().values()), trainable_used=used,
                         loss=scores[d][0], per_document=scores[d][1]) for d in args.eval_depths]
+
+
+def reference_rows(model: Ouroboros, test: Windows, args, device) -> list[dict]:
+    """The full model's and the cut baseline's rows. They are the same in every run of a checkpoint and split
+    (--compare checks it to the last digit), so they never run --compile's kernels, whose rounding depends on what
+    was compiled before."""
+    with torch.compiler.set_stance("force_eager"):
+        cut = reference_row("cut baseline", model.base, test, args, device)
+        if device.type == "cuda":  # the full model is never on the GPU beside the trained one, which waits on the CPU
+            model.to("cpu")
+        full = reference_row("full model", load_model(args.model, BASE_DTYPE[args.precision], device), test, args, device)
+    model.to(device)
+    return [full, cut]
 
 
 def reference_row(what: str, m, test: Windows, args, device) -> dict:
@@ -393,7 +410,7 @@ def run(args) -> int:
     if args.steps == 0:  # the reference rows alone, on dev and test, to choose a cut before anything trains
         for split in ("dev", "test"):
             write_results(None, table_rows(model, splits[split], args, device, arms=False),
-                          splits[split].coverage(args.eval_windows) | {"split": split})
+                          splits[split].coverage(args.eval_windows, args.eval_per_document) | {"split": split})
         return 0
     rank, world = init_distributed(device)
     try:
@@ -418,7 +435,8 @@ def run(args) -> int:
         stats = dict(tokens_seen=tokens, seconds=seconds, tokens_per_s=tokens / max(seconds, 1e-9),
                      flops_per_token=training_flops(model, splits["train"], args, device))
         if rank == 0:  # stats.json apart: results.json must not vary with the machine's speed
-            write_results(out, rows, splits[args.table_split].coverage(args.eval_windows) | {"split": args.table_split})
+            write_results(out, rows, splits[args.table_split].coverage(args.eval_windows, args.eval_per_document)
+                          | {"split": args.table_split})
             atomic_write(out / "stats.json", lambda f: f.write_text(json.dumps(stats, indent=2)))
     except OSError as e:  # the file system's (a full disk, no permission): the user's to fix, so one line
         raise RunError(f"{e}; fix that, then start again or --resume from the last checkpoint") from None
@@ -455,7 +473,8 @@ def use_finished_run(args, out: Path, device) -> int:
         return 0
     test = data_splits(saved.data, tokenizer, qcfg.vocab_size, saved.seq_len, saved.seed, saved.dev_fraction,
                        saved.test_fraction, token_cache(saved.token_cache))["test"]
-    write_results(out, table_rows(model, test, saved, device, name), test.coverage(saved.eval_windows), f"{tag}.json")
+    write_results(out, table_rows(model, test, saved, device, name), test.coverage(saved.eval_windows, saved.eval_per_document),
+                  f"{tag}.json")
     return 0
 
 

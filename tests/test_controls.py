@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import tiny  # noqa: F401  (first: it puts the repository root on sys.path)
 
-from controller import OuroborosConfig
 from load_qwen import load_model, load_ouroboros
 from model import PROJECTIONS
 from test_recursive import CFG, KEPT, QCFG, ckpt, ids  # noqa: F401 (ckpt: a fixture)

@@ -67,6 +67,22 @@ def test_spread_covers_the_whole_split():
     assert [w.documents_in([j]) for j in range(3)] == [2, 1, 2] and w.documents_in([0, 1, 2]) == 3
 
 
+def test_a_cap_per_document_keeps_at_most_that_many_windows_of_each_spread_over_it():
+    # documents of 50, 5 and 200 windows of 4 tokens (each document ends with end-of-text, id 3)
+    lengths = (200, 20, 800)
+    tokens = np.concatenate([np.r_[np.full(n - 1, 7), 3] for n in lengths]).astype(np.uint32)
+    w = data.Windows(np.r_[tokens, 7].astype(np.uint32), 4, 0, eos_id=3)
+    middle_doc = lambda j: int(np.searchsorted(np.cumsum(lengths), 4 * j + 3, side="right"))  # noqa: E731
+    for cap in (1, 3, 10):
+        picked = w.spread(0, cap)
+        per_doc = {d: [j for j in picked if middle_doc(j) == d] for d in range(3)}
+        assert [len(v) for v in per_doc.values()] == [cap, min(cap, 5), cap]
+        if cap > 1:  # spread from the document's first window to its last
+            assert per_doc[2][0] == 55 and per_doc[2][-1] == 254
+    assert w.spread(0, 0) == list(range(w.n))
+    assert len(w.spread(2, 3)) == 2  # then k of those, spread evenly
+
+
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""study.py: the whole chain at --quick sizes (base, ladder, pilots on dev, grid, RESULTS.md, figures), resuming,
-and the statistics against hand computations."""
+"""study.py: the whole chain at --quick sizes (base, ladder, untrained rows, pilots on dev extended until the best is
+inside, the length rule, the grid, RESULTS.md, figures), resuming, and the statistics against hand computations."""
 import json
 import re
 from pathlib import Path
@@ -23,71 +23,130 @@ def quick(tmp_path_factory):
     return root / "out", argv
 
 
-def runs_of(out: Path) -> dict:
-    protocol = json.loads((out / "results" / "protocol.json").read_text())
-    lrs = study.chosen_lr(out / "results" / "runs", study.rates(True))
-    return protocol, study.pilot_runs(protocol, study.rates(True)) | study.grid(protocol, lrs, True)
+def base_of(out: Path) -> dict:
+    """The quick study's base as study_base returns it, read back from its outputs (--report trains nothing)."""
+    opts = study.argparse.Namespace(quick=True, model=None, base="small", out=str(out), report=True, data=None,
+                                    ladder=None, device="cpu", pretrain_steps=3)
+    return study.study_base(opts, study.pick_device("cpu"))
+
+
+def runs_dir(out: Path) -> Path:
+    return out / "results" / "small" / "runs"
+
+
+def config(out: Path, name: str) -> dict:
+    return json.loads((runs_dir(out) / name / "config.json").read_text())
 
 
 def test_quick_study_writes_every_run_results_and_figures(quick):
     out, _ = quick
-    protocol, runs = runs_of(out)
-    for name, (_, evals) in runs.items():
-        assert study.finished(out / "results" / "runs" / name, evals), name
+    base = base_of(out)
+    for name, (_, evals) in (base["runs"] | base["pilots"]).items():
+        assert study.finished(runs_dir(out) / name, evals), name
     text = (out / "RESULTS.md").read_text()
-    for section in ("## Verdicts", "## Protocol", "## Every arm", "## Comparisons", "## The paper's table beside ours",
-                    "## The leak", "## Depth", "## Figures"):
+    for section in ("## Verdicts", "### Protocol", "### Every arm", "### Comparisons", "### Depth", "### The leak",
+                    "### Figures"):
         assert section in text
     for claim, *_ in study.CLAIMS:
         assert claim in text
-    for png in ("loss_per_arm.png", "dev_loss.png", "depth.png", "paired_differences.png"):
-        assert (out / "results" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert f"({len(runs)} of {len(runs)} runs finished)" in text
+    for png in ("gap_recovered.png", "dev_loss.png", "depth.png", "paired_differences.png"):
+        assert (out / "results" / "small" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"{len(base['runs'])} of {len(base['runs'])} grid runs finished" in text
 
 
-def test_pilots_read_dev_and_the_grid_uses_their_best_learning_rate(quick):
+def test_every_arm_gets_its_own_pilot_and_the_grid_uses_its_best_learning_rate(quick):
     out, _ = quick
-    protocol, runs = runs_of(out)
-    for family, arm in study.PILOTS.items():
+    base = base_of(out)
+    chosen = {}
+    for group in study.pilot_groups(base["spec"], base["protocol"]):
         losses = {}
-        for lr in study.rates(True):
-            rows = json.loads((out / "results" / "runs" / f"pilot-{arm}-lr{lr:g}-s0" / "results.json").read_text())
+        for run in runs_dir(out).glob(f"pilot-{group}-lr*-s0"):
+            rows = json.loads((run / "results.json").read_text())
             assert {r["split"] for r in rows} == {"dev"}  # never the test split
-            losses[lr] = rows[2]["loss"]
+            losses[config(out, run.name)["lr"]] = rows[0]["loss"]
         best = min(losses, key=losses.get)
-        for name, (flags, _) in runs.items():
-            if not name.startswith("pilot") and study.ARMS[re.sub(r"(-depth1|-long)?-s\d+$", "", name)][1] == family:
-                config = json.loads((out / "results" / "runs" / name / "config.json").read_text())
-                assert config["lr"] == pytest.approx(best), name
-    for name in runs:
-        if not name.startswith("pilot"):
-            rows = json.loads((out / "results" / "runs" / name / "results.json").read_text())
-            assert {r["split"] for r in rows} == {"test"}, name
+        tried = sorted(losses)
+        # the best is inside what was tried, or at an end of the grid
+        assert tried[0] < best < tried[-1] or best in (study.LR_GRID[0], study.LR_GRID[-1]), (group, losses)
+        chosen[group] = best
+    for name in base["runs"]:
+        group = name.rsplit("-s", 1)[0]
+        arm, suffix = study.arm_of(group)
+        cfg = config(out, name)
+        assert cfg["lr"] == pytest.approx(chosen[study.BORROWS.get(arm, arm) + suffix]), name
+        if arm == "dynamic-coda":  # its adapters at LoRA on the coda's lr and rank
+            assert cfg["lora_lr"] == pytest.approx(chosen["lora-coda"])
+            assert cfg["lora_rank"] == base["protocol"]["ranks"]["lora-coda"]
+        rows = json.loads((runs_dir(out) / name / "results.json").read_text())
+        assert {r["split"] for r in rows} == {"test"}, name
+
+
+def test_pilots_extend_towards_the_best_until_it_is_inside():
+    first = list(study.FIRST_RATES["gated"])  # 3e-4, 1e-3, 3e-3
+    assert study.pilot_rates("dynamic", {}) == first
+    assert study.pilot_rates("dynamic", {3e-4: 5.0}) == first  # not all finished: nothing new yet
+    assert study.pilot_rates("dynamic", {3e-4: 5.0, 1e-3: 4.0, 3e-3: 4.5}) == first  # interior: done
+    assert study.pilot_rates("dynamic", {3e-4: 5.0, 1e-3: 4.6, 3e-3: 4.5}) == first + [1e-2]
+    assert study.pilot_rates("dynamic", {3e-4: 4.0, 1e-3: 4.6, 3e-3: 4.5}) == [1e-4] + first
+    assert study.pilot_rates("lora-cut", {1e-3: 5.0, 3e-3: 4.6, 1e-2: 4.5, 3e-2: 4.4, 1e-1: 4.3}) == [
+        1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # the grid's end: no further
+
+
+def test_the_length_rule_takes_the_first_length_whose_last_quarter_gains_little(tmp_path):
+    run = tmp_path / "length"
+    run.mkdir()
+    # dev loss every 10 steps of 100: falls 0.1 per 10 steps to step 60, then 0.001 per 10 steps
+    curve = {s: (5.0 - 0.01 * s if s <= 60 else 4.4 - 0.0001 * (s - 60)) for s in range(10, 100, 10)}
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps({"step": s, "dev_loss": v}) for s, v in curve.items()))
+    (run / "results.json").write_text(json.dumps([{"loss": 4.4 - 0.0001 * 40}]))
+    # gap 1.0: T = 40 gains 0.1 over 30-40, T = 60 0.2 over 40-60 (45: the nearest scored step), T = 80 0.002: picked
+    got = study.chosen_length(run, 100, dev_gap=1.0)
+    assert (got["steps"], got["budget_bound"]) == (80, False)
+    got = study.chosen_length(run, 100, dev_gap=0.05)  # 2% of a small gap: 0.001, never met
+    assert (got["steps"], got["budget_bound"]) == (100, True)
 
 
 def test_paired_differences_are_the_differences_of_the_tables_losses(quick):
     # An independent path: results.json's losses (train.score over every scored token) against the comparisons,
     # built from per-document losses weighted by the protocol's token counts.
     out, _ = quick
-    protocol, runs = runs_of(out)
-    groups = study.collect(out / "results" / "runs", runs)
-    results = study.compare_groups(groups, protocol, gap=1.0)
-    loss = lambda group, row=2: groups[group][0]["rows"][row]["loss"]  # noqa: E731
-    assert results[("dynamic", "static")]["per_seed"][0] == pytest.approx(loss("dynamic") - loss("static"), abs=1e-9)
-    assert results[("dynamic", "cut")]["per_seed"][0] == pytest.approx(loss("dynamic") - loss("dynamic", 1), abs=1e-9)
-    assert results[("nogate", "cut")]["per_seed"][0] == pytest.approx(loss("nogate") - loss("nogate", 1), abs=1e-9)
+    base = base_of(out)
+    results = study.summarise(base)["results"]
+    loss = lambda name: json.loads((runs_dir(out) / name / "results.json").read_text())[0]["loss"]  # noqa: E731
+    untrained = json.loads((out / "results" / "small" / "untrained.json").read_text())
+    cut = untrained["/".join(map(str, base["protocol"]["split"]))]["test"][1]["loss"]
+    assert results[("dynamic", "static")]["per_seed"][0] == pytest.approx(loss("dynamic-s0") - loss("static-s0"), abs=1e-9)
+    assert results[("dynamic", "cut")]["per_seed"][0] == pytest.approx(loss("dynamic-s0") - cut, abs=1e-9)
+    assert results[("lora-cut", "lora-full")]["per_seed"][0] == pytest.approx(
+        loss("lora-cut-s0") - loss("lora-full-s0"), abs=1e-9)
+
+
+def test_the_untrained_plain_loop_at_depth_one_is_the_cut_baseline(quick):
+    out, _ = quick
+    base = base_of(out)
+    fixed = study.fixed_rows(base["untrained"], base["protocol"]["split"])
+    assert fixed["loop-plain-depth1"]["loss"] == pytest.approx(fixed["cut"]["loss"], abs=1e-5)
+    assert fixed["loop-gate-depth1"]["loss"] != pytest.approx(fixed["cut"]["loss"], abs=1e-4)  # damped: another model
+    assert fixed["loop-plain-depth4"]["loss"] != pytest.approx(fixed["cut"]["loss"], abs=1e-4)
 
 
 def test_lora_arms_are_matched_to_the_parameters_the_dynamic_arm_uses(quick):
     out, _ = quick
-    protocol, _ = runs_of(out)
-    rows = lambda name: json.loads((out / "results" / "runs" / name / "results.json").read_text())  # noqa: E731
-    used = rows("dynamic-s0")[2]["trainable_used"]
+    protocol = base_of(out)["protocol"]
+    rows = lambda name: json.loads((runs_dir(out) / name / "results.json").read_text())  # noqa: E731
+    used = rows("dynamic-s0")[0]["trainable_used"]
     assert protocol["ranks"]["dynamic_used"] == used
-    for arm in ("lora-cut", "lora-coda"):
-        rank, trainable = protocol["ranks"][arm], rows(f"{arm}-s0")[2]["trainable"]
+    for arm in ("lora-cut", "lora-coda", "lora-full"):
+        rank, trainable = protocol["ranks"][arm], rows(f"{arm}-s0")[0]["trainable"]
         per_rank = trainable // rank
         assert abs(trainable - used) <= per_rank / 2, arm  # the nearest rank
+    assert config(out, "lora-full-s0")["n_prelude"] + 1 + config(out, "lora-full-s0")["n_coda"] == 8  # no layer cut
+    flops = lambda name: json.loads((runs_dir(out) / name / "stats.json").read_text())  # noqa: E731
+    # FLOP-matched: as many training FLOPs as the dynamic arm, within one step's worth
+    matched, dynamic = flops("lora-cut-flops-s0"), flops("dynamic-s0")
+    total = lambda s: s["flops_per_token"] * s["tokens_seen"]  # noqa: E731
+    step = matched["flops_per_token"] * matched["tokens_seen"] / config(out, "lora-cut-flops-s0")["steps"]
+    assert abs(total(matched) - total(dynamic)) <= step
 
 
 def test_a_finished_study_trains_nothing_and_report_rebuilds_from_run_outputs(quick, monkeypatch):
@@ -96,7 +155,7 @@ def test_a_finished_study_trains_nothing_and_report_rebuilds_from_run_outputs(qu
     monkeypatch.setattr(train, "run", lambda args: pytest.fail(f"trained {args.out} again"))
     assert study.main(argv) == 0
     # a fresh clone: run outputs without checkpoints; --report needs neither a model nor data
-    for checkpoint in (out / "results" / "runs").glob("*/checkpoint.safetensors"):
+    for checkpoint in runs_dir(out).glob("*/checkpoint.safetensors"):
         checkpoint.unlink()
     (out / "RESULTS.md").unlink()
     assert study.main(["--quick", "--report", "--out", str(out)]) == 0
@@ -105,7 +164,7 @@ def test_a_finished_study_trains_nothing_and_report_rebuilds_from_run_outputs(qu
 
 def test_a_missing_run_is_trained_again_to_the_same_numbers(quick):
     out, argv = quick
-    run = out / "results" / "runs" / "static-s0"
+    run = runs_dir(out) / "static-s0"
     before = json.loads((run / "results.json").read_text())
     for f in run.iterdir():
         if f.name != "config.json":
@@ -138,6 +197,18 @@ def test_paired_weights_documents_by_their_tokens_and_resamples_them():
     assert (same["lo"], same["hi"], same["verdict"]) == (0.0, 0.0, "same")
 
 
+def test_the_interval_resamples_seeds_as_well_as_documents():
+    # Every document differs by the same amount within a seed, -1 on seed 0 and -0.2 on seed 1: resampling
+    # documents alone gives an interval of width 0 at -0.6; resampling the two seeds gives means of -1, -0.6 and
+    # -0.2 with chances 1/4, 1/2, 1/4, so the 95% interval is [-1, -0.2].
+    tokens = np.full(50, 10)
+    b = np.zeros((2, 50))
+    a = np.stack([np.full(50, -1.0), np.full(50, -0.2)])
+    r = study.paired(a, b, tokens, gap=1.0)
+    assert r["mean"] == pytest.approx(-0.6)
+    assert (r["lo"], r["hi"]) == (pytest.approx(-1.0), pytest.approx(-0.2))
+
+
 def test_verdicts_follow_the_rule():
     v = study.verdict
     assert v(np.array([-0.2, -0.3]), -0.4, -0.1, gap=1.0) == "A"
@@ -158,3 +229,5 @@ def test_bad_study_flags_are_one_line(capsys):
     assert "--model needs --data" in capsys.readouterr().err
     assert study.main(["--ladder", "2/4"]) == 2
     assert "--ladder '2/4'" in capsys.readouterr().err
+    assert study.main(["--base", "large"]) == 2
+    assert "--base" in capsys.readouterr().err

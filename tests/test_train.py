@@ -705,3 +705,35 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(monkeypatch, dtype
     with torch.no_grad():  # per-token losses, as evaluation reads them
         per_token = train.loss_from_states(h, y, head, reduction="none")
     torch.testing.assert_close(per_token, train.next_token_loss(head(h).detach(), y, reduction="none"), **tol)
+
+
+def test_lora_lr_moves_the_adapters_by_their_own_step(world, tmp_path):
+    # Adam's first update moves every parameter with a gradient by about lr (g / (|g| + eps)): after one step at
+    # --lr 1e-4 --lora-lr 1e-2 the adapters must have moved by ~1e-2 and the Controller by ~1e-4, whatever the
+    # gradients' sizes. Weight decay off, so nothing else moves them.
+    out = tmp_path / "run"
+    base = with_flag(with_flag(with_flag(FLAGS, "--steps", "1"), "--lr", "1e-4"), "--grad-accum", "1")
+    torch.manual_seed(0)
+    cfg = train.OuroborosConfig(n_prelude=1, recurrent_layer=3, n_coda=1, rank=4, max_depth=8, lora_layers="coda",
+                                lora_rank=2)
+    init = {f"param.{k}": v.detach().clone() for k, v in
+            train.load_ouroboros(world[0], cfg, torch.float32).trainable_parameters().items()}
+    assert train.main(flags(world, out, "--lora-layers", "coda", "--lora-rank", "2", "--lora-lr", "1e-2",
+                            "--weight-decay", "0", base=base)) == 0
+    moved = {k: (v - init[k]).abs().max().item() for k, v in trainables(out).items()}
+    # (the A matrices get no gradient at the first step: their B starts at zero)
+    adapters = [m for k, m in moved.items() if k.startswith("param.adapters.") and k.endswith("_B")]
+    rest = [m for k, m in moved.items() if k.startswith("param.controller.") and m > 0]
+    assert len(adapters) == 7 and rest
+    assert all(0.9e-2 < m < 1.01e-2 for m in adapters), moved
+    assert all(m < 1.01e-4 for m in rest) and max(rest) > 0.9e-4, moved
+
+
+def test_no_reference_rows_scores_the_arm_alone_on_the_same_windows(world, tmp_path):
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    assert train.main(flags(world, both)) == 0
+    assert train.main(flags(world, alone, "--no-reference-rows")) == 0
+    rows = lambda out: json.loads((out / "results.json").read_text())  # noqa: E731
+    assert [r["name"] for r in rows(alone)] == [rows(both)[2]["name"]]
+    assert rows(alone)[0]["loss"] == rows(both)[2]["loss"]
+    assert "gap_recovered" not in rows(alone)[0]
