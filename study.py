@@ -863,8 +863,8 @@ def figures(b: dict, where: Path) -> list[str]:
     ax.set_xlim(lo, hi)
     ax.set_yticks(range(len(entries)), [e[0] for e in entries], fontsize=7)
     ax.invert_yaxis()
-    ax.set(xlabel="gap recovered on test (%): (cut - arm) / (cut - full)",
-           title=f"{b['spec']['title']}: gap recovered, one dot per seed, | the mean")
+    ax.set_xlabel("gap recovered on test (%): (cut - arm) / (cut - full)", fontsize=8)
+    ax.set_title(f"{b['spec']['title']}: gap recovered (dots: seeds, bar: mean)", fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     plots["gap_recovered.png"] = fig
     # 2. dev loss during training (seed 0), by family colour, scaled to the full-to-cut range
@@ -882,7 +882,8 @@ def figures(b: dict, where: Path) -> list[str]:
     ax.axhline(dev["cut"], color="red", ls="--", lw=1, label="cut baseline (dev)")
     span = dev["cut"] - dev["full"]
     ax.set_ylim(dev["full"] - 1.5 * span, dev["cut"] + 0.5 * span)
-    ax.set(xlabel="optimizer step", ylabel="dev loss (nats)", title=f"{b['spec']['title']}: dev loss during training (seed 0)")
+    ax.set(xlabel="optimizer step", ylabel="dev loss (nats)")
+    ax.set_title(f"{b['spec']['title']}: dev loss during training (seed 0)", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     plots["dev_loss.png"] = fig
     # 3. loss against the evaluation depth
@@ -893,13 +894,13 @@ def figures(b: dict, where: Path) -> list[str]:
     ax.axhline(cut, color="red", ls="--", lw=1, label="cut baseline")
     ax.axhline(full, color="green", ls="--", lw=1, label="full model")
     ax.set_ylim(full - 1.5 * gap, cut + 1.5 * gap)
-    ax.set(xscale="log", xlabel="evaluation depth", ylabel="test loss (nats)",
-           title=f"{b['spec']['title']}: loss against evaluation depth (off the scale: far above the cut)")
+    ax.set(xscale="log", xlabel="evaluation depth", ylabel="test loss (nats)")
+    ax.set_title(f"{b['spec']['title']}: test loss against evaluation depth", fontsize=9)
     ax.legend(fontsize=7)
     plots["depth.png"] = fig
     # 4. the paired differences, as shares of the gap
     results = b["results"]
-    fig, ax = plt.subplots(figsize=(8, 0.32 * len(results) + 1.5))
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(results) + 1.5))
     for y, ((a, c), r) in enumerate(results.items()):
         ax.errorbar(100 * r["mean"] / gap, y, xerr=[[100 * (r["mean"] - r["lo"]) / gap], [100 * (r["hi"] - r["mean"]) / gap]],
                     fmt="o", capsize=3, color=colour(a))
@@ -907,13 +908,16 @@ def figures(b: dict, where: Path) -> list[str]:
     ax.axvline(0, color="gray")
     for m in (-100 * PRACTICAL, 100 * PRACTICAL):
         ax.axvline(m, color="gray", ls=":", lw=1)
-    ax.set_yticks(range(len(results)), [f"{label(a)} - {label(c)}" for a, c in results], fontsize=6)
+    short = lambda g: label(g).replace(", depth 4", "")  # noqa: E731  (depth 4 unless the label says otherwise)
+    ax.set_yticks(range(len(results)), [f"{short(a)} - {short(c)}" for a, c in results], fontsize=6)
     ax.invert_yaxis()
-    ax.set(xlabel="A - B as a share of the gap (%), 95% interval; dotted: the practical margin",
-           title=f"{b['spec']['title']}: A - B (negative: A is better)")
+    ax.set_xlabel("A - B as a share of the gap (%), 95% interval; dotted: the practical margin", fontsize=8)
+    ax.set_title(f"{b['spec']['title']}: A - B (negative: A is better)", fontsize=9)
     plots["paired_differences.png"] = fig
     for name, fig in plots.items():
         fig.tight_layout()
+        if name == "paired_differences.png":  # its labels name two arms each: room for them on the left
+            fig.subplots_adjust(left=0.42)
         atomic_write(where / name, lambda f: fig.savefig(f, format="png", dpi=110))
         plt.close(fig)
     return list(plots)
