@@ -154,7 +154,8 @@ def measure_ladder(opts, device, model_dir: Path, spec: dict) -> dict:
     qcfg = load_config(model_dir)
     windows = data_splits(args.data, load_tokenizer(model_dir), qcfg.vocab_size, args.seq_len, args.seed,
                           args.dev_fraction, args.test_fraction, token_cache(None))
-    cap, scored = per_document_cap(windows["test"], spec["per_document"], opts.quick)
+    cap = spec["per_document"]
+    tokens, scored = check_test_split(windows["test"], cap, opts.quick)
     print(f"test split: {scored['documents']} documents, {scored['tokens']:,} tokens scored (at most {cap} windows of "
           f"each), the largest document {scored['max_share']:.1%} of them; {scored['effective_documents']:.0f} "
           "effective documents", flush=True)
@@ -174,17 +175,15 @@ def measure_ladder(opts, device, model_dir: Path, spec: dict) -> dict:
     unigram = float(-np.log(counts[dev_ids] / counts.sum()).mean())
     bar = 0.0 if opts.quick else GAP_BAR  # --quick checks the chain, not the numbers
     chosen = choose_cut(rungs[:len(rule_ladder)], unigram, bar, enforce=not opts.quick)
-    test = windows["test"]
-    tokens = np.bincount(test.target_documents(test.spread(0, cap)).flatten().numpy())
     return dict(ladder=rungs, uniform=math.log(qcfg.vocab_size), unigram=unigram, split=chosen["split"],
                 paper=list(spec["paper"]) if spec["paper"] and list(spec["paper"]) != chosen["split"] else None,
                 gap_bar=bar, per_document=cap, test_tokens_per_document=tokens.tolist(), test_scored=scored,
                 vocab_size=qcfg.vocab_size, n_layers=n_layers)
 
 
-def per_document_cap(test, cap: int, quick: bool) -> tuple[int, dict]:
+def check_test_split(test, cap: int, quick: bool) -> tuple[np.ndarray, dict]:
     """Checks the base's cap of windows per document on the test split: at least MIN_DOCUMENTS documents scored,
-    none above MAX_SHARE of the scored tokens. Returns the cap and what it scores."""
+    none above MAX_SHARE of the scored tokens. Returns the tokens scored per document and a summary."""
     tokens = np.bincount(test.target_documents(test.spread(0, cap)).flatten().numpy())
     shares = tokens[tokens > 0] / tokens.sum()
     scored = dict(documents=len(shares), tokens=int(tokens.sum()), max_share=float(shares.max()),
@@ -194,7 +193,7 @@ def per_document_cap(test, cap: int, quick: bool) -> tuple[int, dict]:
                        "with more documents")
     if not quick and scored["max_share"] > MAX_SHARE:
         raise RunError(f"a test document holds {scored['max_share']:.1%} of the scored tokens, above {MAX_SHARE:.0%}")
-    return cap, scored
+    return tokens, scored
 
 
 def choose_cut(rungs: list[dict], unigram: float, bar: float, enforce: bool = True) -> dict:
@@ -240,10 +239,8 @@ def untrained_rows(opts, device, model_dir: Path, protocol: dict) -> dict:
     out = {}
     for split in [protocol["split"]] + ([protocol["paper"]] if protocol["paper"] else []):
         p, rec, c = split
-        depths = ",".join(map(str, LOOP_DEPTHS))
         args = run_args(["--model", str(model_dir), "--n-prelude", str(p), "--recurrent-layer", str(rec),
-                         "--n-coda", str(c), "--steps", "0", "--depth", str(max(LOOP_DEPTHS)), "--eval-depths", depths]
-                        + cut_flags(protocol), opts)
+                         "--n-coda", str(c), "--steps", "0"] + cut_flags(protocol), opts)
         qcfg, model = train.prepare_arm(args, device)
         windows = data_splits(args.data, load_tokenizer(model_dir), qcfg.vocab_size, args.seq_len, args.seed,
                               args.dev_fraction, args.test_fraction, token_cache(None))
@@ -252,8 +249,7 @@ def untrained_rows(opts, device, model_dir: Path, protocol: dict) -> dict:
         out[key]["loops"] = {}
         for loop, (what, flags) in LOOPS.items():
             largs = run_args(["--model", str(model_dir), "--n-prelude", str(p), "--recurrent-layer", str(rec),
-                              "--n-coda", str(c), "--depth", str(max(LOOP_DEPTHS)), "--eval-depths", depths]
-                             + flags + cut_flags(protocol), opts)
+                              "--n-coda", str(c), "--depth", str(max(LOOP_DEPTHS))] + flags + cut_flags(protocol), opts)
             _, looped = train.prepare_arm(largs, device)
             scores = train.score(lambda x: looped.eval().hidden_at(x, list(LOOP_DEPTHS)), list(LOOP_DEPTHS),
                                  looped.base.head, windows["test"], largs, device, what)
@@ -364,7 +360,7 @@ def pilot_state(spec: dict, protocol: dict, runs_dir: Path) -> tuple[dict, dict]
 def length_run(protocol: dict, spec: dict, lrs: dict) -> dict:
     """The length rule's run: the dynamic arm at its chosen lr for max_steps, dev scored every max_steps / 10."""
     flags = arm_flags("dynamic", protocol, 0, lrs, spec["max_steps"], "dev")
-    flags[flags.index(f"--eval-every=0")] = f"--eval-every={max(1, spec['max_steps'] // 10)}"
+    flags[flags.index("--eval-every=0")] = f"--eval-every={max(1, spec['max_steps'] // 10)}"
     return {"length-dynamic-s0": (flags, [])}
 
 
@@ -496,7 +492,11 @@ def arm_loss(run: dict) -> float:
 
 def doc_losses(run: dict) -> np.ndarray:
     """Per-document test losses of a run's arm (nan where a document had no scored token)."""
-    return np.array([np.nan if v is None else v for v in run["documents"][run["rows"][0]["name"]]])
+    return nan_for_none(run["documents"][run["rows"][0]["name"]])
+
+
+def nan_for_none(losses: list) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in losses])
 
 
 def fixed_rows(untrained: dict, split: list) -> dict:
@@ -557,13 +557,9 @@ def compare_groups(groups: dict, fixed: dict, tokens: np.ndarray, gap: float) ->
             continue
         seeds = sorted(set(groups[a]) & (set(groups[a]) if b in fixed else set(groups[b])))
         A = np.stack([doc_losses(groups[a][s]) for s in seeds])
-        B = np.stack([fixed_docs(fixed[b]) if b in fixed else doc_losses(groups[b][s]) for s in seeds])
+        B = np.stack([nan_for_none(fixed[b]["per_document"]) if b in fixed else doc_losses(groups[b][s]) for s in seeds])
         results[(a, b)] = paired(A, B, tokens, gap) | {"seeds": seeds}
     return results
-
-
-def fixed_docs(row: dict) -> np.ndarray:
-    return np.array([np.nan if v is None else v for v in row["per_document"]])
 
 
 def label(group: str) -> str:
@@ -674,7 +670,7 @@ def base_lines(b: dict, out: Path) -> list[str]:
     groups, gap = b["groups"], b["gap"]
     adapted = (f"; LoRA on the full model (the adapted full model, same parameter budget, trained the same way): "
                f"{b['adapted']:.4f}" if b["adapted"] is not None else "")
-    lines += [f"### Every arm", "", f"Full model {b['full']:.4f}, cut baseline {b['cut']:.4f}: the cut costs "
+    lines += ["### Every arm", "", f"Full model {b['full']:.4f}, cut baseline {b['cut']:.4f}: the cut costs "
               f"{gap:.4f} nats on test{adapted}. **gap recovered** = (cut - arm) / (cut - full); **of the adapted "
               "gap** = (cut - arm) / (cut - adapted full model): on a pretrained model every trained adapter also "
               "learns the study's corpus, so the first can pass 100%; the second says how far an arm gets towards what "
@@ -683,7 +679,7 @@ def base_lines(b: dict, out: Path) -> list[str]:
               "training depth reads. Training FLOPs: matmul and attention FLOPs of forward and backward "
               "(torch.utils.flop_counter) times the tokens seen.", ""]
     lines += arm_table(b) + [""]
-    lines += [f"### Comparisons", "", f"A - B per seed, their mean, and a 95% interval from {RESAMPLES} resamples of "
+    lines += ["### Comparisons", "", f"A - B per seed, their mean, and a 95% interval from {RESAMPLES} resamples of "
               "seeds and test documents. Verdict rule: *A beats B* when every seed agrees in sign, the interval "
               f"excludes 0 and the mean is at least {PRACTICAL:.0%} of the gap ({PRACTICAL * gap:.4f} nats); *no "
               f"practical difference* when the interval lies within +-{PRACTICAL:.0%} of the gap; otherwise *cannot "
@@ -1020,6 +1016,8 @@ def study(opts) -> int:
     for name in names:
         opts.base = name
         done.append(study_base(opts, device))
+    if not any(b["protocol"] for b in done):
+        raise RunError(f"{Path(opts.out) / 'results'} holds no study yet; run python study.py first")
     write_report(Path(opts.out), done, "python study.py" + (" --quick" if opts.quick else ""))
     return 0
 

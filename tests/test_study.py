@@ -1,7 +1,6 @@
 """study.py: the whole chain at --quick sizes (base, ladder, untrained rows, pilots on dev extended until the best is
 inside, the length rule, the grid, RESULTS.md, figures), resuming, and the statistics against hand computations."""
 import json
-import re
 from pathlib import Path
 
 import numpy as np
