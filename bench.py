@@ -41,9 +41,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 import data
 import train
 from controller import Ouroboros, OuroborosConfig, paper_split, svd_bases
+from devices import BASE_DTYPE, autocast, native_bf16
+from evaluate import LOSS_CHUNK, count_flops, loss_from_states, next_token_loss
 from load_qwen import load_config, load_model, load_ouroboros, save_model
 from model import PROJECTIONS, Decoder, DecoderConfig, rms_norm
-from runs import autocast, count_flops, native_bf16
 
 ROOT = Path(__file__).resolve().parent
 SEQ = 256  # tokens per sequence on CPU, batch 1
@@ -436,12 +437,12 @@ def step_memory_child(path: str, precision: str, loss: str, device: str) -> None
     """In a fresh process: Ouroboros at the paper's split of the checkpoint at `path`, then one training step
     (forward, loss, backward, AdamW) of batch 1 at MEMORY's seq and depth; prints the peak memory the step added
     to what loading left (peak RSS on the CPU, torch.cuda.max_memory_allocated on CUDA), and the sizes it had.
-    loss "chunked": train.loss_from_states; "logits": the whole vocabulary's logits, then the cross-entropy."""
+    loss "chunked": loss_from_states; "logits": the whole vocabulary's logits, then the cross-entropy."""
     dev = torch.device(device)
     cfg = load_config(path)
     p, r, c = paper_split(cfg.num_hidden_layers)
     model = load_ouroboros(path, OuroborosConfig(n_prelude=p, recurrent_layer=r, n_coda=c),
-                           train.BASE_DTYPE[precision], dev).train()
+                           BASE_DTYPE[precision], dev).train()
     optimizer = torch.optim.AdamW(model.trainable_parameters().values(), lr=1e-5, betas=(0.9, 0.95))
     x, y = token_batch(cfg.vocab_size, 1, MEMORY["seq"], dev)
     gc.collect()
@@ -453,9 +454,9 @@ def step_memory_child(path: str, precision: str, loss: str, device: str) -> None
     with autocast(dev, precision):
         h = model.hidden(x, MEMORY["depth"])
         if loss == "chunked":
-            value = train.loss_from_states(h, y, model.base.head)
+            value = loss_from_states(h, y, model.base.head)
         else:
-            value = train.next_token_loss(model.base.head(h), y)
+            value = next_token_loss(model.base.head(h), y)
     value.backward()
     optimizer.step()
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else vm_hwm_bytes()
@@ -500,7 +501,7 @@ def saved_activation_bytes(model: Ouroboros, batch: int, seq: int, depth: int) -
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
             mock.patch.object(F, "scaled_dot_product_attention", flash):
-        train.loss_from_states(model.hidden(x, depth), x, model.base.head)
+        loss_from_states(model.hidden(x, depth), x, model.base.head)
     weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     return sum(n for k, n in saved.items() if k not in weights)
 
@@ -528,7 +529,7 @@ def memory_model(cfg: DecoderConfig, split, batch: int, seq: int, depth: int, pr
     width = 2 if precision == "bf16" else 4
     weights = width * sum(t.numel() for t in [*model.base.parameters(), *model.buffers()])
     trainable = 4 * sum(p.numel() for p in model.trainable_parameters().values())
-    loss = 4 * 4 * min(train.LOSS_CHUNK, batch * seq) * cfg.vocab_size
+    loss = 4 * 4 * min(LOSS_CHUNK, batch * seq) * cfg.vocab_size
     step_peak = activations + loss + trainable  # the gradients: as large as the trainables
     # From the second step on, AdamW's moments are there too: weights, trainables, moments, then the step's peak.
     return dict(weights=weights, trainable=trainable, optimizer=2 * trainable, per_step=half * per_step,

@@ -1,19 +1,16 @@
-"""What keeps a training run safe, kept out of train.py's way: the run directory (its record, checks before
-anything is written, atomic checkpoints, the metrics log), Ctrl-C and SIGTERM, the device, and agreement
-between data-parallel processes.
+"""What keeps a training run safe, kept out of train.py's way: the run directory (checks before anything is
+written, its record, the metrics log), atomic checkpoints and resume, skipped updates, Ctrl-C and SIGTERM,
+agreement between data-parallel processes, and TrainingRun, which wraps all of it around train.py's loop.
 
 A run directory holds config.json (every flag, resolved), metrics.jsonl (a line per optimizer step),
 checkpoint.safetensors (trainables, optimizer and RNG state, step) and results.json (the comparison table).
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
 import json
 import math
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -24,9 +21,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from data import check_data_path
 from load_qwen import atomic_write, fingerprint
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -47,23 +42,6 @@ class Interrupted(Exception):
 
 # ----------------------------------------------------------------------------------------------------------
 # The run directory.
-
-class Parser(argparse.ArgumentParser):
-    """Flags with no abbreviations ("--step 40" must not silently mean --steps), and errors in one line."""
-
-    def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
-
-    def error(self, message):  # one line, not argparse's usage block
-        raise RunError(f"{message}; see python train.py --help")
-
-
-def number(text: str) -> float:
-    """A float flag: nan and inf are refused here, so no run starts with them."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(text)
-    return value
 
 
 def check_out_dir(args) -> Path:
@@ -109,32 +87,6 @@ def check_writable(path, flag: str) -> None:
         raise RunError(f"{flag} {path}: cannot write in {probe} ({e.strerror}); pass a directory you can write to") from None
 
 
-def check_flags(args) -> None:
-    """Values that pass argparse's type check but would fail mid-run (a division by zero, an optimizer error)
-    or silently do something other than asked."""
-    checks = [(f, getattr(args, f) >= 1, ">= 1") for f in ("seq_len", "batch_size", "grad_accum", "lora_rank",
-                                                           "log_every", "save_every", "max_new_tokens", "top_k",
-                                                           "pretrain_steps")]
-    checks += [(f, getattr(args, f) >= 0, ">= 0") for f in ("steps", "warmup", "eval_every", "eval_windows", "eval_per_document",
-                                                            "weight_decay", "temperature")]
-    checks += [("stop_after", args.stop_after is None or args.stop_after >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),
-               ("lora_lr", args.lora_lr is None or args.lora_lr > 0, "> 0"),
-               ("alpha", args.alpha > 0, "> 0"), ("lora_alpha", args.lora_alpha > 0, "> 0"), ("clip", args.clip > 0, "> 0"),
-               ("min_lr_ratio", 0 <= args.min_lr_ratio <= 1, "in 0..1"),
-               ("dev_fraction", 0 < args.dev_fraction < 1, "strictly between 0 and 1"),
-               ("test_fraction", 0 < args.test_fraction < 1 - args.dev_fraction,
-                "above 0 and below 1 - --dev-fraction (the rest is for training)")]
-    for name, ok, rule in checks:
-        if not ok:
-            raise RunError(f"--{name.replace('_', '-')} {getattr(args, name)} is invalid; pass a value {rule}")
-    if args.warmup > args.steps > 0:  # (--steps 0 trains nothing: it prints the reference rows)
-        raise RunError(f"--warmup {args.warmup} is longer than the run (--steps {args.steps}), so the learning rate "
-                       f"would never reach its peak; pass a --warmup of at most {args.steps}")
-    if args.eval_pool and not args.eval_only:
-        raise RunError("--eval-pool scores a finished run: use it with --eval-only --out RUN")
-    check_data_path(args.data)  # here too, so that it is told before an existing --out
-
-
 def run_record(args) -> dict:
     """config.json: every flag, and a fingerprint of the base checkpoint, so that a resume or a later
     --eval-only against a directory that now holds another model is refused."""
@@ -158,6 +110,13 @@ def read_run_config(out: Path) -> dict:
         raise RunError(f"{out / 'config.json'}: not a run configuration; restore it or start again with --overwrite")
     if "max_steps" in saved:  # runs from before --max-steps was renamed --max-depth
         saved["max_depth"] = saved.pop("max_steps")
+    return saved
+
+
+def finished_run(out: Path) -> dict:
+    """The config.json of a finished run (--sample, --eval-only), checked against the checkpoint it names."""
+    saved = read_run_config(out)
+    check_same_model(out, saved, saved.get("model"))
     return saved
 
 
@@ -209,78 +168,6 @@ def rewrite_log(out: Path, step: int) -> None:
     lines = file.read_text().splitlines() if file.exists() else []
     keep = [line for line in lines if logged_step(line) <= step]
     atomic_write(file, lambda f: f.write_text("".join(line + "\n" for line in keep)))
-
-
-def comparison_table(rows: list[dict]) -> str:
-    """rows: name, kept (base parameters), trainable, loss and what was scored. The first two are the full
-    model and the cut baseline, or (--no-reference-rows) no row has a gap recovered; gap recovered =
-    (cut - loss) / (cut - full)."""
-    s, gaps = rows[0], "gap_recovered" in rows[0]
-    lines = [f"{s['split']} split: {s['windows']:,} of its {s['split_windows']:,} windows of {s['tokens'] // s['windows']} "
-             f"tokens, spread over all of it: {s['tokens']:,} tokens scored, from {s['documents']:,} of its "
-             f"{s['split_documents']:,} documents",
-             f"{'model':<34} {'params kept':>12} {'trainable':>11} {s['split'] + ' loss':>10} {'ppl':>9}"
-             + (f" {'gap recovered':>14}" if gaps else "")]
-    for r in rows:
-        lines.append(f"{r['name']:<34} {r['kept']:>12,} {r['trainable']:>11,} {r['loss']:>10.4f} "
-                     f"{math.exp(min(r['loss'], 50)):>9.2f}" + (f" {100 * r['gap_recovered']:>13.1f}%" if gaps else ""))
-    if not gaps:
-        return "\n".join(lines + ["(the full model and the cut baseline are scored apart: --no-reference-rows)"])
-    cut = rows[1]["loss"]
-    lines.append("gap recovered = (cut - loss) / (cut - full): the share of the loss the cut costs that a model wins "
-                 "back (100%: the full model, 0%: the cut baseline).")
-    for r in rows:
-        if r.get("control"):
-            lines.append(f"'{r['name']}' is the control: the same gate and per-step norms, no LoRA modulation.")
-    if any(r["loss"] > cut for r in rows[2:]):
-        lines.append("A negative share is a loss above the cut baseline: at initialisation the looped arms start "
-                     "above it (each step keeps 88% of a state the step norm has rescaled), so a short run can end there.")
-    return "\n".join(lines)
-
-
-def write_results(out: Path, rows: list[dict], scored: dict, name: str = "results.json") -> None:
-    """The comparison table: printed, and written to results.json with what was scored (`scored`: the split's
-    windows and documents, and how many of them and how many tokens every row was scored on)."""
-    scored = {"split": "test"} | scored
-    references = rows[0]["name"].startswith("full model")  # else --no-reference-rows: the arm's rows alone
-    for r in rows:
-        r.update(scored)
-        if references:
-            full, cut = rows[0]["loss"], rows[1]["loss"]
-            r["gap_recovered"] = (cut - r["loss"]) / (cut - full) if cut != full else float("nan")
-    print(f"\nnext-token loss on the {scored['split']} split" + (f", {out}:" if out else ":") + f"\n{comparison_table(rows)}")
-    if out is None:
-        return
-    # Each row's loss per test document (null: not scored), for statistics paired by document, in a file of its own.
-    documents = {r["name"]: r.pop("per_document") for r in rows if "per_document" in r}
-    if documents:
-        atomic_write(out / name.replace("results", "documents"), lambda f: f.write_text(json.dumps(documents)))
-    atomic_write(out / name, lambda f: f.write_text(json.dumps(rows, indent=2)))
-
-
-def compare(runs: list[Path], out: Path | None = None) -> list[dict]:
-    """One table of several finished runs: the full and cut rows once, then every run's own rows. The runs must
-    have scored the same test windows (the same data, split, tokenizer and --eval-windows)."""
-    tables = []
-    for run in runs:
-        try:
-            tables.append(json.loads((Path(run) / "results.json").read_text()))
-        except (OSError, ValueError) as e:
-            raise RunError(f"{run}: no readable results.json ({e}); finish the run (or --eval-only) first") from None
-    scored = ("windows", "tokens", "documents", "split_windows", "split_documents")
-    for run, table in zip(runs[1:], tables[1:]):
-        if table[:2] != tables[0][:2] or any(table[0].get(k) != tables[0][0].get(k) for k in scored):
-            raise RunError(f"{run} and {runs[0]} were not scored on the same test windows (or with the same base); "
-                           "compare runs of one checkpoint, one data set and one --eval-windows")
-    rows = tables[0][:2] + [r for table in tables for r in table[2:]]
-    if out is None:
-        print(comparison_table(rows))
-        return rows
-    if (out / "config.json").is_file():
-        raise RunError(f"--out {out} holds a run, whose results.json this would replace; pass another directory")
-    out.mkdir(parents=True, exist_ok=True)
-    write_results(out, rows, {k: rows[0][k] for k in scored})
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -358,13 +245,6 @@ def restore(checkpoint: tuple[dict, dict], out: Path, params: dict, optimizer=No
     return meta
 
 
-def clip_gradients(params: dict, clip: float, world: int) -> float:
-    """Averages the gradients over the processes, clips their norm; returns the norm before clipping."""
-    for p in params.values():
-        all_mean(p.grad, world)
-    return torch.nn.utils.clip_grad_norm_(list(params.values()), clip).item()
-
-
 def skip_update(optimizer, state: dict, loss: float, grad_norm: float, out: Path, rank: int) -> None:
     """A non-finite loss, or a finite one with non-finite gradients (an overflow in backward), skips the update;
     every process skips it alike, since loss and gradients are averaged first. Three in a row stop the run."""
@@ -383,12 +263,6 @@ def skip_update(optimizer, state: dict, loss: float, grad_norm: float, out: Path
 def fmt_time(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def flag_names(message: str) -> str:
-    """ConfigError speaks of OuroborosConfig's fields; on the command line they are flags (rank -> --rank)."""
-    fields = r"\b(n_prelude|recurrent_layer|n_coda|max_depth|rank|alpha|pool|lora_rank|lora_layers|controller_input)\b"
-    return re.sub(fields, lambda m: "--" + m.group(1).replace("_", "-"), message).replace("--pool='mean'", "--pool mean")
 
 
 def resume(checkpoint: tuple[dict, dict], out: Path, params: dict, optimizer, rank: int) -> dict:
@@ -481,94 +355,7 @@ class StopSignals:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The device, and data-parallel processes (one per GPU under torchrun; gradients averaged).
-
-def pick_device(name: str | None) -> torch.device:
-    """The device, made current (CUDA) before anything is built on it."""
-    if name is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise RunError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RunError(f"--device {name}: no CUDA device is available here; use --device cpu")
-        if device.type not in ("cpu", "cuda"):
-            raise RunError(f"--device {name}: only cpu and cuda are supported")
-    if device.type == "cuda":
-        # fp32 matmuls on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation): several times faster, and
-        # the rounding stays far below the differences a table reports. bf16 runs are unaffected.
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        if device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))  # one GPU per process
-        if device.index >= torch.cuda.device_count():
-            raise RunError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
-        torch.cuda.set_device(device)
-    return device
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the device multiplies bf16 in hardware: a CUDA GPU that supports it, a CPU with AVX512-BF16 or AMX.
-    Elsewhere PyTorch's CPU bf16 matmul falls back to a reference kernel about 100x slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def resolve_precision(name: str, device: torch.device, allow_slow: bool = False) -> str:
-    """--precision auto -> bf16 where the hardware multiplies bf16 natively (an AVX512-BF16 CPU runs bf16 matmuls
-    at about 3x its fp32 rate), else fp32. An explicit bf16 where it would crawl is refused, unless allowed."""
-    if name == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    if name == "bf16" and not native_bf16(device) and not allow_slow:
-        raise RunError(f"--precision bf16: this {device.type} has no native bf16 (no AVX512-BF16 or AMX), where a "
-                       "bf16 matmul is about 100x slower than fp32; use --precision fp32 (or auto), or add "
-                       "--allow-slow-bf16 to run it anyway")
-    return name
-
-
-def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# torch's FLOP counter knows the GPU attention kernels; count the CPU one the same way (unmasked, as torch does).
-CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
-        lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
-        lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v),
-}
-
-
-def count_flops(fn) -> int:
-    """Matmul and attention FLOPs that one call of fn executes, forward and backward."""
-    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def all_sum(x: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(x)
-    return x
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
-
-
-def rank_world() -> tuple[int, int]:
-    """(this process's rank, the number of processes), in the order init_distributed returns them."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
+# Agreement between data-parallel processes: an error or a difference on one process stops them all.
 
 def raise_everywhere(world: int, error: Exception | None) -> None:
     """Called by every process at the same point: an error that any process met is raised on all of them as a
@@ -599,8 +386,71 @@ def check_identical(world: int, tensors: dict, what: str = "trainable parameters
                        "training; check that every process reads the same checkpoint and flags")
 
 
-def all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
-    if world > 1:
-        dist.all_reduce(x)
-        x /= world
-    return x
+# ----------------------------------------------------------------------------------------------------------
+# The machinery around train.py's loop, in one object, so that the loop itself shows only the arithmetic.
+
+class TrainingRun:
+    """with TrainingRun(...) as run: for step in run.steps(): ... run.end_step(record)
+
+    What it does for the loop: resumes the state of a checkpoint; yields the steps still to train, stopping at
+    --stop-after; holds Ctrl-C and SIGTERM from the end of a step's backward to the end of its bookkeeping
+    (hold); counts the step, prints the progress line, appends metrics.jsonl and checkpoints every --save-every
+    (end_step); skips a non-finite update (skip); on Ctrl-C saves a checkpoint and raises KeyboardInterrupt; at
+    the end saves the last checkpoint. The state (step, samples, seconds) is what the checkpoint records."""
+
+    def __init__(self, out: Path | None, params: dict, optimizer, args, device, resume_from: tuple | None,
+                 world: int, rank: int, per_step: int):
+        self.out, self.optimizer, self.args, self.world, self.rank, self.per_step = out, optimizer, args, world, rank, per_step
+        self.state = resume(resume_from, out, params, optimizer, rank) if resume_from else dict(step=0, bad_steps=0, world=world)
+        self.save = Saver(out, params, optimizer, world, rank, self.state["step"] if resume_from is not None else None)
+        # this invocation's start: the progress line's speed counts only its own steps; seconds add up over resumes
+        self.start_step, self.seconds, self.t0 = self.state["step"], self.state.get("seconds", 0.0), time.time()
+        self.signals = StopSignals(world, device)
+
+    def __enter__(self):
+        self.signals.__enter__()
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind is not None and issubclass(kind, (KeyboardInterrupt, Interrupted)):
+            self.signals.hold(True)  # a second Ctrl-C waits for this checkpoint
+            try:
+                self.save(self.state, interrupted=True)
+            finally:
+                self.signals.__exit__(kind, error, traceback)
+            raise KeyboardInterrupt from None
+        self.signals.__exit__(kind, error, traceback)
+        if kind is None:
+            self.save(self.state)  # the last step's checkpoint (a step already saved is not written again)
+        return False
+
+    def steps(self):
+        """The optimizer steps still to train: a signal that arrived since the last step stops the run here."""
+        while self.state["step"] < self.args.steps:
+            self.signals.hold(self.world > 1)  # under torchrun, signals wait for the end of the step
+            self.signals.check()
+            if self.args.stop_after is not None and self.state["step"] - self.start_step >= self.args.stop_after:
+                return
+            yield self.state["step"]
+        self.signals.check()  # arrived during the last step's bookkeeping
+
+    def hold(self) -> None:
+        """From here to the end of the step's bookkeeping a signal waits: landing between the update and the step
+        count, it would save parameters one step ahead of the counter."""
+        self.signals.hold(True)
+
+    def skip(self, loss: float, grad_norm: float) -> None:
+        skip_update(self.optimizer, self.state, loss, grad_norm, self.out, self.rank)
+
+    def end_step(self, record: dict) -> None:
+        """The step record["step"] is done: counted, printed every --log-every, logged, checkpointed."""
+        step, args = record["step"], self.args
+        self.state.update(step=step, bad_steps=0, samples=step * self.per_step, seconds=self.seconds + time.time() - self.t0)
+        if self.rank == 0 and (step % args.log_every == 0 or step == args.steps):
+            done = step - self.start_step
+            print_progress(record, args.steps, done, done * self.per_step * args.seq_len, self.t0)
+        if self.rank == 0 and "dev_loss" in record:
+            print(f"step {step}: dev loss {record['dev_loss']:.4f}", flush=True)
+        log_line(self.out, record, self.rank)
+        if step % args.save_every == 0 or step == args.steps:
+            self.save(self.state)

@@ -25,13 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import evaluate
 import train
 from controller import ConfigError, Ouroboros
 from data import DataError, splits as data_splits, token_cache
 from demo import DEMO_ARM, DEMO_BASE, DEMO_PRETRAIN, demo_base
-from load_qwen import CheckpointError, atomic_write, load_config, load_tokenizer, resolve_model
+from devices import pick_device
+from flags import Parser, build_parser
+from load_qwen import CheckpointError, atomic_write, load_config, load_model, load_tokenizer, resolve_model
 from model import PROJECTIONS, Decoder
-from runs import CHECKPOINT, Parser, RunError, fmt_time, pick_device, read_checkpoint
+from runs import CHECKPOINT, RunError, fmt_time, read_checkpoint
 
 try:  # a study-only requirement (requirements-dev.txt), like transformers is test-only
     import matplotlib
@@ -164,9 +167,9 @@ def measure_ladder(opts, device, model_dir: Path, spec: dict) -> dict:
         args = run_args(["--model", str(model_dir), "--n-prelude", str(p), "--recurrent-layer", str(rec),
                          "--n-coda", str(c), "--steps", "0", f"--eval-per-document={cap}"], opts)
         _, model = train.prepare_arm(args, device)
-        cut = train.reference_row("cut baseline", model.base, windows["dev"], args, device)["loss"]
+        cut = evaluate.reference_row("cut baseline", model.base, windows["dev"], args, device)["loss"]
         if full is None:
-            full = train.reference_row("full model", train.load_model(str(model_dir), torch.float32, device),
+            full = evaluate.reference_row("full model", load_model(str(model_dir), torch.float32, device),
                                        windows["dev"], args, device)["loss"]
         rungs.append(dict(split=[p, rec, c], full=full, cut=cut, gap=cut - full))
         print(f"ladder {p}/{rec}/{c}: dev loss full {full:.4f}, cut {cut:.4f}, gap {cut - full:.4f}", flush=True)
@@ -210,7 +213,7 @@ def matched_ranks(model_dir: Path, split) -> dict:
     """LoRA ranks whose adapters have as many trainable parameters as the dynamic arm uses at depth 4 (counted
     on the meta device: no weights read): on every kept layer of the cut, on its coda, on every layer uncut."""
     qcfg = load_config(model_dir)
-    args = train.build_parser().parse_args(["--n-prelude", str(split[0]), "--recurrent-layer", str(split[1]),
+    args = build_parser().parse_args(["--n-prelude", str(split[0]), "--recurrent-layer", str(split[1]),
                                             "--n-coda", str(split[2]), "--depth", "4"])
     cfg = train.ouroboros_config(args, qcfg.num_hidden_layers)
     prelude, rec, coda, _ = cfg.split(qcfg.num_hidden_layers)
@@ -245,13 +248,13 @@ def untrained_rows(opts, device, model_dir: Path, protocol: dict) -> dict:
         windows = data_splits(args.data, load_tokenizer(model_dir), qcfg.vocab_size, args.seq_len, args.seed,
                               args.dev_fraction, args.test_fraction, token_cache(None))
         key = "/".join(map(str, split))
-        out[key] = {s: train.reference_rows(model, windows[s], args, device) for s in ("dev", "test")}
+        out[key] = {s: evaluate.reference_rows(model, windows[s], args, device) for s in ("dev", "test")}
         out[key]["loops"] = {}
         for loop, (what, flags) in LOOPS.items():
             largs = run_args(["--model", str(model_dir), "--n-prelude", str(p), "--recurrent-layer", str(rec),
                               "--n-coda", str(c), "--depth", str(max(LOOP_DEPTHS))] + flags + cut_flags(protocol), opts)
             _, looped = train.prepare_arm(largs, device)
-            scores = train.score(lambda x: looped.eval().hidden_at(x, list(LOOP_DEPTHS)), list(LOOP_DEPTHS),
+            scores = evaluate.score(lambda x: looped.eval().hidden_at(x, list(LOOP_DEPTHS)), list(LOOP_DEPTHS),
                                  looped.base.head, windows["test"], largs, device, what)
             out[key]["loops"][loop] = [dict(name=f"{what}, depth {d}", depth=d, loss=scores[d][0],
                                             per_document=scores[d][1]) for d in LOOP_DEPTHS]
@@ -264,7 +267,7 @@ def untrained_rows(opts, device, model_dir: Path, protocol: dict) -> dict:
 
 def run_args(argv: list[str], opts) -> argparse.Namespace:
     """train.py's flags for one run: the base's sizes, then argv; --data None is the demo's corpus."""
-    parser = train.build_parser()
+    parser = build_parser()
     parser.set_defaults(**DEMO_ARM)
     sizes = base_spec(opts)["sizes"] | dict(dev_fraction=DEV_FRACTION, test_fraction=TEST_FRACTION, eval_windows=0)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in sizes.items()] + ["--precision", "fp32"]

@@ -5,9 +5,10 @@
     python train.py --out DIR --sample "prompt"                   generate with a trained run
     torchrun --nproc-per-node N train.py ...                      data-parallel
 
-Read top to bottom: flags, the label shift and loss, the learning-rate schedule, the one training loop (every
-variant's, and the demo's pretraining), evaluation, one run, the demo, main(). Data: data.py; what keeps a run
-safe (checkpoints, signals, agreement between processes): runs.py.
+Read top to bottom: the learning-rate schedule and the depth per step, the one training loop (every variant's,
+and the demo's pretraining), one run, using a finished run (--sample, --eval-only), the demo, main(). The flags:
+flags.py; the loss and the comparison table: evaluate.py; what keeps a run safe (checkpoints, Ctrl-C, resume,
+agreement between processes): runs.py; the device and dtype: devices.py; data: data.py.
 """
 from __future__ import annotations
 
@@ -21,139 +22,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from controller import ConfigError, Ouroboros, OuroborosConfig, paper_split
 from data import DataError, Windows, token_cache
 from data import splits as data_splits
 from demo import DEMO_ARM, demo_base
-from load_qwen import (CheckpointError, atomic_write, fingerprint, load_config, load_model, load_ouroboros,
+from devices import BASE_DTYPE, all_mean, autocast, clip_gradients, init_distributed, pick_device, resolve_precision
+from evaluate import arm_name, compare, count, count_flops, inputs_and_targets, loss_from_states, score, table_rows, write_results
+from flags import build_parser, check_flags, flag_names, parse_depths
+from load_qwen import (CheckpointError, atomic_write, fingerprint, load_config, load_ouroboros,
                        load_tokenizer, resolve_model)
-from runs import (CHECKPOINT, Interrupted, Parser, RunError, Saver, StopSignals, all_mean, all_sum, autocast,
-                  check_flags, check_identical, check_out_dir, check_resume, check_same_model, check_writable, clip_gradients, compare,
-                  count_flops, flag_names, fmt_time, number, init_distributed, log_line, pick_device, read_checkpoint,
-                  read_run_config, resolve_precision, print_counter, print_progress, restore, resume, skip_update,
-                  start_run, rank_world, write_results)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description="Train Ouroboros (a looped decoder layer with input-conditioned LoRA) on a Qwen2 / Qwen2.5, "
-                           "Llama or Qwen3 checkpoint. "
-                           "Without --model: the offline CPU demo, whose defaults are sized for a 2-core CPU ("
-                           + " ".join(f"--{k.replace('_', '-')} {DEMO_ARM[k]}" for k in ("steps", "seq_len", "batch_size",
-                                                                                        "grad_accum", "depth")) + " ...).")
-    a = p.add_argument
-    a("--model", help="a Qwen2/Qwen2.5, Llama or Qwen3 checkpoint: a directory (Hugging Face layout) or a hub id such "
-                      "as Qwen/Qwen3-0.6B (fetched once into the Hugging Face cache; HF_HUB_OFFLINE=1 reads only the "
-                      "cache). Omit for the offline CPU demo.")
-    a("--data", help="a text file (documents split at blank lines), a directory (a document per file), a .jsonl "
-                     "('text', optional 'id'), a .parquet (its 'text' column, optional 'id'; needs pyarrow), or a .gz "
-                     "of a text file or .jsonl; stdlib: the standard library's source, the demo's corpus and its default")
-    a("--out", help="run directory: config, checkpoint, metrics.jsonl, results.json")
-    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    a("--overwrite", action="store_true", help="replace an existing run in --out")
-    # the variant
-    a("--controller", default="dynamic", choices=["dynamic", "static", "none"],
-      help="dynamic: the Ouroboros Controller; static: learned c per step, ignores input; none: no LoRA")
-    a("--no-gate", action="store_true", help="ablation: h = h_new each step instead of the gated mix")
-    a("--no-step-norm", action="store_true", help="ablation: no per-step RMSNorm")
-    a("--pool", default="causal", choices=["causal", "mean"],
-      help="Controller input: causal running mean, or the paper's whole-sequence mean, which leaks future tokens")
-    a("--rank", type=int, default=32, help="LoRA rank r")
-    a("--alpha", type=number, default=16.0, help="LoRA alpha; the delta is scaled by alpha / r")
-    a("--depth", type=int, default=8, help="recurrent steps per forward")
-    a("--depths", help="e.g. 4,8,16: a depth drawn per optimizer step (seeded); evaluated at each")
-    a("--max-depth", type=int, default=64, help="the largest depth a run can use: the rows of the Controller's step "
-                                             "embedding and of the per-step norms (--steps is the run's length)")
-    a("--n-prelude", type=int, help="frozen layers before the loop (default round(8L/36), 8 on Qwen2.5-3B)")
-    a("--recurrent-layer", type=int, help="the looped layer (default L // 2, 18 on Qwen2.5-3B)")
-    a("--n-coda", type=int, help="frozen layers after the loop (default round(8L/36))")
-    a("--controller-input", default="pooled", choices=["pooled", "none"], help="none: the input-blind control")
-    a("--lora-layers", default="none", choices=["none", "coda", "recurrent", "all"], help="LoRA-heal these layers")
-    a("--lora-rank", type=int, default=8, help="the adapters' rank")
-    a("--lora-alpha", type=number, default=16.0, help="the adapters' delta is scaled by alpha / rank")
-    a("--checkpoint-steps", action="store_true", help="recompute each recurrent step in backward (less memory)")
-    a("--compile", action="store_true", help="torch.compile each decoder layer (compiled once, reused at every depth)")
-    training_flags(a)
-    # using finished runs
-    a("--eval-only", action="store_true", help="recompute the comparison table of the run in --out")
-    a("--eval-depths", dest="score_depths", help="the table's depths, e.g. 1,2,4,8 (default: --depths or --depth)")
-    a("--eval-pool", choices=["causal", "mean"], help="with --eval-only: score with this pool, not the training one")
-    a("--compare", nargs="+", metavar="RUN", help="print one table of these finished runs (full and cut rows once)")
-    a("--sample", metavar="PROMPT", help="generate text from PROMPT with the trained run in --out")
-    a("--max-new-tokens", type=int, default=100, help="with --sample")
-    a("--temperature", type=number, default=0.8, help="with --sample; 0 is greedy")
-    a("--top-k", type=int, default=50, help="with --sample")
-    return p
-
-
-def training_flags(a) -> None:
-    # the defaults are the paper's GPU setup
-    a("--steps", type=int, default=1000, help="optimizer steps")
-    a("--seq-len", type=int, default=2048, help="tokens per window")
-    a("--batch-size", type=int, default=2, help="windows per micro-batch (per process)")
-    a("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
-    a("--lr", type=number, default=3e-4, help="peak learning rate")
-    a("--lora-lr", type=number, help="peak lr of the LoRA adapters of --lora-layers (default: --lr)")
-    a("--min-lr-ratio", type=number, default=0.1, help="final learning rate as a fraction of --lr")
-    a("--warmup", type=int, default=50, help="linear warmup, in optimizer steps")
-    a("--weight-decay", type=number, default=0.01, help="AdamW's, on the Controller's and gate's matrices only")
-    a("--clip", type=number, default=1.0, help="gradient norm clip")
-    a("--seed", type=int, default=0, help="seed for data order, depth draws and initialisation")
-    a("--dev-fraction", type=number, default=0.01, help="share of documents in the dev split, read by --eval-every")
-    a("--test-fraction", type=number, default=0.01, help="share of documents in the test split, read by the table")
-    a("--eval-windows", type=int, default=256, help="windows per evaluation, spread over the split (0: all)")
-    a("--eval-per-document", type=int, default=0, help="at most N windows of each document per evaluation, "
-      "so that no long document holds most of the scored tokens (0: no cap)")
-    a("--no-reference-rows", action="store_true", help="the final table without the full model and the cut "
-      "baseline, which are the same for every run of a checkpoint and split (study.py scores them once)")
-    a("--table-split", default="test", choices=["test", "dev"], help="the final table's; dev: to tune without test")
-    a("--eval-every", type=int, default=200, help="dev-split evaluation every N steps (0: never)")
-    a("--log-every", type=int, default=10, help="progress line every N steps")
-    a("--save-every", type=int, default=100, help="checkpoint every N steps (also at the end and on Ctrl-C)")
-    a("--stop-after", type=int, help="stop with a checkpoint after N steps in this invocation (for time-sliced jobs)")
-    a("--token-cache", help="tokenised corpora, shared by every run (default: ~/.cache/ouroboros/tokens)")
-    a("--pretrain-steps", type=int, default=400, help="demo only: optimizer steps pretraining its base model")
-    a("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    a("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute and frozen-base dtype "
-      "(trainables stay fp32); auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else fp32. "
-      "On CUDA, fp32 matmuls use TF32 tensor cores")
-    a("--allow-slow-bf16", action="store_true", help="accept --precision bf16 on a CPU without native bf16 "
-      "(about 100x slower than fp32 there; refused without this flag)")
+from runs import (CHECKPOINT, RunError, TrainingRun, check_identical, check_out_dir, check_resume, check_writable,
+                  finished_run, fmt_time, read_checkpoint, restore, start_run)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The label shift, defined once: a window of T + 1 tokens gives inputs t_0..t_{T-1} and targets t_1..t_T, so
-# the logit at position i is scored against the token at i + 1.
-
-def inputs_and_targets(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return windows[:, :-1], windows[:, 1:]
-
-
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    # logits (B, T, V) at the input positions, targets (B, T) already shifted: cross-entropy in nats
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
-
-
-LOSS_CHUNK = 256  # positions whose logits exist at once: 156 MB of fp32 logits for a 151,936-token vocabulary
-
-
-def loss_from_states(h: torch.Tensor, targets: torch.Tensor, head, reduction: str = "mean") -> torch.Tensor:
-    """next_token_loss(head(h), targets), LOSS_CHUNK positions at a time. The logits are the largest tensors of a
-    step (the vocabulary per token: their fp32 copy, the log-softmax kept for backward, its gradient); here they
-    exist for one chunk at a time and are recomputed in backward, never for the whole batch. h (B, T, d)."""
-    h, targets = h.flatten(0, 1), targets.flatten()
-
-    def chunk(h_part, t_part):  # (n, d), (n,) -> (n,) losses
-        return next_token_loss(head(h_part)[None], t_part[None], reduction="none")
-
-    grad = torch.is_grad_enabled()
-    losses = torch.cat([checkpoint(chunk, h[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK], use_reentrant=False)
-                        if grad else chunk(h[i:i + LOSS_CHUNK], targets[i:i + LOSS_CHUNK])
-                        for i in range(0, len(targets), LOSS_CHUNK)])
-    return losses.mean() if reduction == "mean" else losses  # (B*T,) with reduction "none"
-
+# The schedule: the learning rate and the number of recurrent steps at each optimizer step.
 
 def get_lr(step: int, args) -> float:
     """Linear warmup to --lr, then cosine decay to lr * min_lr_ratio at the last step. Counted in optimizer steps."""
@@ -169,13 +53,6 @@ def depth_at(step: int, args) -> int:
         return args.depth
     depths = parse_depths(args.depths)
     return depths[np.random.default_rng([args.seed, 1, step]).integers(len(depths))]
-
-
-def parse_depths(text: str, flag: str = "--depths") -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise RunError(f"{flag} {text!r} is not a comma list of integers, e.g. 4,8,16") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -203,142 +80,44 @@ def train(forward, head, model: torch.nn.Module, data: Windows, dev: Windows | N
           resume_from: tuple | None = None, looped: bool = True, world: int = 1, rank: int = 0) -> dict:
     """Optimizes the trainable parameters of `model` (fp32) so that head(forward(inputs, depth)) predicts the next
     token; forward gives the states before the head. --eval-every reads `dev`; `looped` is False for the demo's
-    pretraining (no depth). Returns the final state."""
+    pretraining (no depth). Returns the final state. The checkpoints, Ctrl-C, skipped updates and the log are
+    runs.TrainingRun's: the loop below is the arithmetic."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(model, params, args, device)
-    state = resume(resume_from, out, params, optimizer, rank) if resume_from else dict(step=0, bad_steps=0, world=world)
-    save = Saver(out, params, optimizer, world, rank, state["step"] if resume_from is not None else None)
-    per_step = args.batch_size * args.grad_accum * world  # windows per optimizer step, all processes
-    (start_step, seconds), t0 = (state["step"], state.get("seconds", 0.0)), time.time()
-    with StopSignals(world, device) as signals:
-        try:
-            while state["step"] < args.steps:
-                signals.hold(world > 1)  # under torchrun, signals wait for the end of the step
-                signals.check()
-                step = state["step"]
-                if args.stop_after is not None and step - start_step >= args.stop_after:
-                    break
-                lr = get_lr(step, args)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                depth = depth_at(step, args) if looped else None
-                loss_sum = torch.zeros((), device=device)
-                for micro in range(args.grad_accum):
-                    first = step * per_step + (micro * world + rank) * args.batch_size
-                    x, y = inputs_and_targets(data.batch(first, args.batch_size).to(device, non_blocking=True))
-                    with autocast(device, args.precision):
-                        loss = loss_from_states(forward(x, depth), y, head)
-                    (loss / args.grad_accum).backward()
-                    loss_sum += loss.detach()
-                loss = all_mean(loss_sum / args.grad_accum, world).item()
-                signals.hold(True)  # from here to the end of the step's bookkeeping
-                grad_norm = clip_gradients(params, args.clip, world) if math.isfinite(loss) else math.nan
-                if not math.isfinite(grad_norm):
-                    skip_update(optimizer, state, loss, grad_norm, out, rank)
-                    continue
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.update(step=step + 1, bad_steps=0, samples=(step + 1) * per_step, seconds=seconds + time.time() - t0)
-                step += 1
-                record = {"step": step, "loss": loss, "lr": lr} | ({"depth": depth} if looped else {})
-                if rank == 0 and (step % args.log_every == 0 or step == args.steps):
-                    done = step - start_step
-                    print_progress(record, args.steps, done, done * per_step * args.seq_len, t0)
-                if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-                    record["dev_loss"] = score(lambda x: {0: forward(x, max(args.eval_depths))}, [0], head, dev, args,
-                                               device)[0][0]
-                    if rank == 0:
-                        print(f"step {step}: dev loss {record['dev_loss']:.4f}", flush=True)
-                log_line(out, record, rank)
-                if step % args.save_every == 0 or step == args.steps:
-                    save(state)
-            signals.check()  # arrived during the last step's bookkeeping
-        except (KeyboardInterrupt, Interrupted):
-            signals.hold(True)  # a second Ctrl-C waits for this checkpoint
-            save(state, interrupted=True)
-            raise KeyboardInterrupt from None
-    save(state)
-    return state
+    per_step = args.batch_size * args.grad_accum * world  # windows per optimizer step, all processes together
+    with TrainingRun(out, params, optimizer, args, device, resume_from, world, rank, per_step) as run:
+        for step in run.steps():
+            lr = get_lr(step, args)
+            for group in optimizer.param_groups:  # lr_scale: the LoRA adapters' own peak lr (--lora-lr)
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+            depth = depth_at(step, args) if looped else None  # N, the number of recurrent steps this update
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(args.grad_accum):  # gradient accumulation: grad_accum micro-batches per update
+                # The step's windows, in order; this process takes every world-th micro-batch's share.
+                first = step * per_step + (micro * world + rank) * args.batch_size
+                x, y = inputs_and_targets(data.batch(first, args.batch_size).to(device, non_blocking=True))
+                with autocast(device, args.precision):
+                    loss = loss_from_states(forward(x, depth), y, head)  # next-token cross-entropy, in nats
+                (loss / args.grad_accum).backward()  # the mean over the micro-batches, summed into .grad
+                loss_sum += loss.detach()
+            loss = all_mean(loss_sum / args.grad_accum, world).item()  # the same number on every process
+            run.hold()  # Ctrl-C waits from here to the end of the step's bookkeeping
+            grad_norm = clip_gradients(params, args.clip, world) if math.isfinite(loss) else math.nan
+            if not math.isfinite(grad_norm):  # an overflow: no update, and three in a row stop the run
+                run.skip(loss, grad_norm)
+                continue
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step + 1, "loss": loss, "lr": lr} | ({"depth": depth} if looped else {})
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+                record["dev_loss"] = dev_loss(forward, head, dev, args, device)
+            run.end_step(record)  # counted, printed, logged to metrics.jsonl, checkpointed every --save-every
+    return run.state
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation: the same windows, spread over the whole split, for every model; shared out between processes.
-
-@torch.no_grad()
-def score(forward, keys, head, split: Windows, args, device, what: str | None = None) -> dict:
-    """Next-token loss of each output of forward(x), a dict of states before the head under `keys` (one per depth,
-    say; the logits are made from one key's states at a time, a chunk at a time), over
-    --eval-windows windows spread over the whole split: {key: (mean loss, per-document mean losses)}. Under torchrun
-    each process scores its share of the windows and the sums are taken over all; with `what`, a progress line."""
-    rank, world = rank_world()
-    indices = split.spread(args.eval_windows, args.eval_per_document)
-    n_docs = int(split.target_documents(indices[-1:]).max()) + 1
-    count = torch.zeros(n_docs, dtype=torch.float64, device=device)
-    sums = {key: torch.zeros_like(count) for key in keys}  # on every process, even one with no windows to score
-    mine = list(range(rank * args.batch_size, len(indices), world * args.batch_size))
-    for n, start in enumerate(mine):
-        chunk = indices[start:start + args.batch_size]
-        (x, y), doc = inputs_and_targets(split.rows(chunk).to(device)), split.target_documents(chunk).to(device).flatten()
-        with autocast(device, args.precision):
-            for key, states in forward(x).items():
-                loss = loss_from_states(states, y, head, reduction="none").double()
-                sums[key].index_add_(0, doc, loss)
-        count.index_add_(0, doc, torch.ones_like(doc, dtype=count.dtype))
-        if what and rank == 0:
-            print_counter(f"evaluating {what}", n + 1, len(mine), "batches")
-    count = all_sum(count, world)
-    sums = {key: all_sum(s, world) for key, s in sums.items()}
-    per_doc = lambda s: [None if n == 0 else v for v, n in zip((s / count).tolist(), count.tolist())]  # noqa: E731
-    return {key: ((s.sum() / count.sum()).item(), per_doc(s)) for key, s in sums.items()}
-
-
-def arm_name(args) -> str:
-    if args.controller == "none" and args.no_gate and args.no_step_norm:  # nothing of the method left: the cut
-        adapters = f", LoRA {args.lora_layers} r{args.lora_rank}" if args.lora_layers != "none" else ""
-        return f"cut model{adapters}" + (", recurrent layer looped" if (args.depths or args.depth != 1) else "")
-    name = {"dynamic": "Ouroboros", "static": "static per-step LoRA", "none": "gate + norm only"}[args.controller]
-    ablations = [f for f, on in (("no gate", args.no_gate), ("no step norm", args.no_step_norm),
-                                 ("mean pool", args.pool == "mean"), ("input-blind", args.controller_input == "none"),
-                                 (f"LoRA {args.lora_layers} r{args.lora_rank}", args.lora_layers != "none")) if on]
-    return name + (f" ({', '.join(ablations)})" if ablations else "")
-
-
-def count(params) -> int:
-    return sum(p.numel() for p in {id(p): p for p in params}.values())
-
-
-def table_rows(model: Ouroboros, test: Windows, args, device, name: str | None = None, arms=True) -> list[dict]:
-    """The table's rows, on the same windows: full model, cut baseline, and (with `arms`) the arm at each depth."""
-    name, control = name or arm_name(args), model.controller is None and model.gate is not None and model.step_norm is not None
-    if arms:
-        scores = score(lambda x: model.eval().hidden_at(x, args.eval_depths), args.eval_depths, model.base.head, test,
-                       args, device, name)
-    rows = [] if arms and args.no_reference_rows else reference_rows(model, test, args, device)
-    if not arms:
-        return rows
-    used = model.parameters_used(max(parse_depths(args.depths) if args.depths else [args.depth]))  # in training
-    return rows + [dict(name=f"{name}, depth {d}", kept=count(model.base.parameters()), control=control,
-                        trainable=count(model.trainable_parameters().values()), trainable_used=used,
-                        loss=scores[d][0], per_document=scores[d][1]) for d in args.eval_depths]
-
-
-def reference_rows(model: Ouroboros, test: Windows, args, device) -> list[dict]:
-    """The full model's and the cut baseline's rows. They are the same in every run of a checkpoint and split
-    (--compare checks it to the last digit), so they never run --compile's kernels, whose rounding depends on what
-    was compiled before."""
-    with torch.compiler.set_stance("force_eager"):
-        cut = reference_row("cut baseline", model.base, test, args, device)
-        if device.type == "cuda":  # the full model is never on the GPU beside the trained one, which waits on the CPU
-            model.to("cpu")
-        full = reference_row("full model", load_model(args.model, BASE_DTYPE[args.precision], device), test, args, device)
-    model.to(device)
-    return [full, cut]
-
-
-def reference_row(what: str, m, test: Windows, args, device) -> dict:
-    row = dict(name=f"{what} ({len(m.layer_ids)} layers)", kept=count(m.parameters()), trainable=0)
-    row["loss"], row["per_document"] = score(lambda x: {0: m.hidden(x)}, [0], m.head, test, args, device, row["name"])[0]
-    return row
+def dev_loss(forward, head, dev: Windows, args, device) -> float:
+    """--eval-every's number: the mean loss on the dev split at the largest depth the table reports."""
+    return score(lambda x: {0: forward(x, max(args.eval_depths))}, [0], head, dev, args, device)[0][0]
 
 
 def training_flops(model: Ouroboros, data: Windows, args, device) -> float:
@@ -353,10 +132,6 @@ def training_flops(model: Ouroboros, data: Windows, args, device) -> float:
 
 # ----------------------------------------------------------------------------------------------------------
 # One Ouroboros run: check everything, then train, then the comparison table on the test split.
-
-# The frozen base is stored in the compute dtype on every device: fp32 under fp32; bf16 under bf16 autocast,
-# which would otherwise re-cast every frozen fp32 weight at every matmul.
-BASE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def ouroboros_config(args, n_layers: int) -> OuroborosConfig:
     for flag, default in zip(("n_prelude", "recurrent_layer", "n_coda"), paper_split(n_layers)):
@@ -448,15 +223,15 @@ def run(args) -> int:
 
 def use_finished_run(args, out: Path, device) -> int:
     """--sample and --eval-only: rebuild the run from its config.json and checkpoint, in its own precision."""
-    saved = argparse.Namespace(**{**vars(build_parser().parse_args([])), **read_run_config(out)})  # new flags: defaults
+    config = finished_run(out)  # config.json, checked against the checkpoint the run was trained on
+    saved = argparse.Namespace(**{**vars(build_parser().parse_args([])), **config})  # flags added since: defaults
     saved.device, saved.token_cache = args.device, args.token_cache
-    check_same_model(out, vars(saved), saved.model)
     name, tag = arm_name(saved), "results"  # scored as trained, or with another pool or other depths
     for flag, value in (("pool", args.eval_pool), ("score_depths", args.score_depths)):
         if value is not None and args.eval_only:
             setattr(saved, flag, value)
             tag += f"-{flag.split('_')[-1]}-{value.replace(',', '-')}"
-    name += f" (scored with the {saved.pool} pool)" if saved.pool != read_run_config(out)["pool"] else ""
+    name += f" (scored with the {saved.pool} pool)" if saved.pool != config["pool"] else ""
     resolve_precision(saved.precision, device, args.allow_slow_bf16)  # a bf16 run on a CPU that would crawl
     qcfg, model = prepare_arm(saved, device)
     restore(read_checkpoint(out), out, model.trainable_parameters())

@@ -17,6 +17,8 @@ from test_recursive import CFG, KEPT, QCFG, ckpt, ids  # noqa: F401 (ckpt: a fix
 from test_train import flags, metrics, streams_by_hand, split_by_hand, windows_by_hand, world  # noqa: F401
 
 import train
+import evaluate
+from flags import build_parser
 
 @torch.no_grad()
 def perturb(params, seed=0, std=0.1):
@@ -257,7 +259,7 @@ def test_results_hold_the_training_statistics(world, tmp_path):
 
 def test_training_flops_grow_by_one_step_per_depth(world, tmp_path):
     """The FLOPs counter's per-token count is linear in depth: every recurrent step costs the same."""
-    args = train.build_parser().parse_args(flags(world, tmp_path / "x", "--steps", "1", "--precision", "fp32"))
+    args = build_parser().parse_args(flags(world, tmp_path / "x", "--steps", "1", "--precision", "fp32"))
     _, model = train.prepare_arm(args, torch.device("cpu"))
     data = train.Windows(torch.arange(400).numpy() % QCFG.vocab_size, 16, 0)
     f = {}
@@ -268,5 +270,5 @@ def test_training_flops_grow_by_one_step_per_depth(world, tmp_path):
     # backward included: more than 1.5x the forward alone (frozen weights need input gradients only, and the
     # prelude none, so it is under the usual 3x)
     x = data.rows([0])[:, :-1]
-    assert f[3] > 1.5 * train.count_flops(lambda: model(x, 3)) / x.numel()
+    assert f[3] > 1.5 * evaluate.count_flops(lambda: model(x, 3)) / x.numel()
     assert math.isfinite(f[3])

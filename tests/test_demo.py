@@ -11,6 +11,7 @@ import data
 import demo
 import study
 import train
+from flags import build_parser
 from load_qwen import load_config, load_model, load_tokenizer
 
 
@@ -78,7 +79,7 @@ def test_base_recipe_keys_the_cache(demo_run, monkeypatch):
 
 def test_the_base_follows_the_split_and_lives_in_token_cache(demo_run, tmp_path):
     root, corpus, argv = demo_run
-    args = train.build_parser().parse_args([*argv, "--token-cache", str(tmp_path / "tokens"), "--precision", "fp32"])
+    args = build_parser().parse_args([*argv, "--token-cache", str(tmp_path / "tokens"), "--precision", "fp32"])
     one = demo.demo_base(args, tmp_path / "tokens", torch.device("cpu"), train.train)
     args.test_fraction = 0.25  # another split: the base must not have seen the new test documents
     other = demo.demo_base(args, tmp_path / "tokens", torch.device("cpu"), train.train)
@@ -88,7 +89,7 @@ def test_the_base_follows_the_split_and_lives_in_token_cache(demo_run, tmp_path)
 
 def test_the_study_base_is_a_larger_sibling_with_its_own_cache_entry(demo_run, tmp_path):
     root, corpus, argv = demo_run
-    args = train.build_parser().parse_args([*argv, "--token-cache", str(tmp_path / "tokens"), "--precision", "fp32"])
+    args = build_parser().parse_args([*argv, "--token-cache", str(tmp_path / "tokens"), "--precision", "fp32"])
     small = demo.demo_base(args, tmp_path / "tokens", torch.device("cpu"), train.train)
     large = demo.demo_base(args, tmp_path / "tokens", torch.device("cpu"), train.train, study.STUDY_BASE)
     assert small != large

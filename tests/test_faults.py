@@ -167,7 +167,7 @@ elif mode.startswith("before-rename"):  # a complete temporary file, not yet ren
         real_replace(src, dst)
     os.replace = replace
 elif mode == "mid-log-line":  # a metrics line cut short
-    real_log = train.log_line
+    real_log = runs.log_line
 
     def log_line(out, record, rank=0):
         if nth():
@@ -177,7 +177,7 @@ elif mode == "mid-log-line":  # a metrics line cut short
                 f.write(line[:len(line) // 2])
             die()
         real_log(out, record, rank)
-    train.log_line = log_line
+    runs.log_line = log_line  # TrainingRun.end_step's
 sys.exit(train.main(argv))
 '''
 

@@ -17,10 +17,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from flags import build_parser
 from load_qwen import load_model
 from tiny import make_checkpoint, tiny_config
 
 import data
+import devices
+import evaluate
 import runs
 import train  # importable because tiny puts the repository root on sys.path
 
@@ -284,9 +287,9 @@ def test_label_shift_is_the_next_token():
     B, T, V = 2, 7, 11
     windows = torch.randint(0, V, (B, T + 1))
     logits = torch.randn(B, T, V)
-    x, y = train.inputs_and_targets(windows)
+    x, y = evaluate.inputs_and_targets(windows)
     assert torch.equal(x, windows[:, :-1])
-    loss = train.next_token_loss(logits, y)
+    loss = evaluate.next_token_loss(logits, y)
 
     def reference(ahead):
         # position t (which has seen tokens 0..t) is scored against token t + ahead
@@ -298,7 +301,7 @@ def test_label_shift_is_the_next_token():
     assert abs(loss.item() - reference(2).item()) > 1e-3  # the released code's double shift
     # The loss depends on the logits at every position.
     logits.requires_grad_(True)
-    train.next_token_loss(logits, y).backward()
+    evaluate.next_token_loss(logits, y).backward()
     assert (logits.grad.abs().sum(-1) > 0).all()
 
 
@@ -327,12 +330,12 @@ def test_logged_depths_are_the_draws(world, tmp_path):
 def test_precision_follows_the_hardware(world, tmp_path, monkeypatch, capsys, native):
     monkeypatch.setattr(runs, "native_bf16", lambda device: native)
     cpu = torch.device("cpu")
-    assert train.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
-    assert train.resolve_precision("fp32", cpu) == "fp32"
-    assert train.resolve_precision("bf16", cpu, allow_slow=True) == "bf16"
+    assert devices.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert devices.resolve_precision("fp32", cpu) == "fp32"
+    assert devices.resolve_precision("bf16", cpu, allow_slow=True) == "bf16"
     argv = flags(world, tmp_path / "run", "--precision", "bf16", base=with_flag(FLAGS, "--steps", "1"))
     if native:
-        assert train.resolve_precision("bf16", cpu) == "bf16"
+        assert devices.resolve_precision("bf16", cpu) == "bf16"
         return
     # an explicit bf16 where it would crawl: one line, exit 2, nothing written; accepted when the user says so
     assert train.main(argv) == 2
@@ -438,8 +441,9 @@ def test_first_logged_loss_is_the_next_token_cross_entropy(world, tmp_path):
 
 def test_dev_split_during_training_and_test_split_in_the_table(world, tmp_path, monkeypatch):
     seen = []
-    score = train.score
-    monkeypatch.setattr(train, "score", lambda f, keys, head, split, *a: seen.append(split) or score(f, keys, head, split, *a))
+    score = evaluate.score
+    for module in (train, evaluate):  # the dev evaluation is train.py's, the table's rows evaluate.py's
+        monkeypatch.setattr(module, "score", lambda f, keys, head, split, *a: seen.append(split) or score(f, keys, head, split, *a))
     streams, _ = streams_by_hand(world)
     assert train.main(flags(world, tmp_path / "run", "--eval-every", "1")) == 0
     during, table = seen[:2], seen[2:]  # steps 1 and 2 of 3 evaluate on dev; then full, cut and the arm
@@ -500,7 +504,7 @@ def test_precision_decides_the_base_dtype(world, tmp_path, precision, dtype):
     """A bf16 checkpoint under --precision fp32 gets an fp32 base (no mixed-dtype matmul), and under bf16 a bf16
     base, on CPU as on CUDA (the same code path); the trainables stay fp32 either way."""
     bf16 = make_checkpoint(tmp_path / "bf16", QCFG, seed=1, dtype=torch.bfloat16, tokenizer=train.load_tokenizer(world[0]))
-    args = train.build_parser().parse_args(flags((bf16, world[1]), tmp_path / "run", "--precision", precision))
+    args = build_parser().parse_args(flags((bf16, world[1]), tmp_path / "run", "--precision", precision))
     _, model = train.prepare_arm(args, torch.device("cpu"))
     assert {p.dtype for p in model.base.parameters()} == {dtype}
     assert {p.dtype for p in model.trainable_parameters().values()} == {torch.float32}
@@ -669,7 +673,7 @@ def test_compile_by_region_does_not_grow_with_depth(world):
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
-    args = train.build_parser().parse_args(flags(world, "unused", "--precision", "fp32"))
+    args = build_parser().parse_args(flags(world, "unused", "--precision", "fp32"))
     _, model = train.prepare_arm(args, torch.device("cpu"))
     train.compile_by_region(model, backend="eager")
     x = torch.randint(0, QCFG.vocab_size, (2, 12))
@@ -690,12 +694,12 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(monkeypatch, dtype
     head = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, V)).to(dtype)
     h = torch.randn(B, T, d, dtype=dtype, requires_grad=True)
     y = torch.randint(0, V, (B, T))
-    plain = train.next_token_loss(head(h), y)
+    plain = evaluate.next_token_loss(head(h), y)
     plain_grads = torch.autograd.grad(plain, [h, *head.parameters()])
     monkeypatch.setattr(train, "LOSS_CHUNK", 25)
     rows, cross_entropy = [], F.cross_entropy
-    monkeypatch.setattr(train.F, "cross_entropy", lambda logits, *a, **k: rows.append(len(logits)) or cross_entropy(logits, *a, **k))
-    chunked = train.loss_from_states(h, y, head)
+    monkeypatch.setattr(evaluate.F, "cross_entropy", lambda logits, *a, **k: rows.append(len(logits)) or cross_entropy(logits, *a, **k))
+    chunked = evaluate.loss_from_states(h, y, head)
     grads = torch.autograd.grad(chunked, [h, *head.parameters()])
     assert rows and max(rows) == 25 and sum(rows) == 2 * B * T  # each chunk once forward, once recomputed in backward
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
@@ -703,8 +707,8 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(monkeypatch, dtype
     for a, b in zip(grads, plain_grads):
         torch.testing.assert_close(a, b, **tol)
     with torch.no_grad():  # per-token losses, as evaluation reads them
-        per_token = train.loss_from_states(h, y, head, reduction="none")
-    torch.testing.assert_close(per_token, train.next_token_loss(head(h).detach(), y, reduction="none"), **tol)
+        per_token = evaluate.loss_from_states(h, y, head, reduction="none")
+    torch.testing.assert_close(per_token, evaluate.next_token_loss(head(h).detach(), y, reduction="none"), **tol)
 
 
 def test_lora_lr_moves_the_adapters_by_their_own_step(world, tmp_path):
