@@ -20,7 +20,8 @@ from data import Windows
 from devices import BASE_DTYPE, all_sum, autocast, rank_world
 from load_qwen import atomic_write, load_model
 from flags import parse_depths
-from runs import RunError, print_counter
+from guard import print_counter
+from runs import RunError
 
 
 

@@ -1,24 +1,20 @@
-"""What keeps a training run safe, kept out of train.py's way: the run directory (checks before anything is
-written, its record, the metrics log), atomic checkpoints and resume, skipped updates, Ctrl-C and SIGTERM,
-agreement between data-parallel processes, and TrainingRun, which wraps all of it around train.py's loop.
+"""A run on disk: its directory checked before anything is written, its record (config.json), its log
+(metrics.jsonl), its checkpoints written atomically, and the checks that let --resume, --sample and --eval-only
+continue exactly the run that is there. What happens around each step (Ctrl-C, saving, skipped updates,
+agreement between processes) is guard.py's.
 
 A run directory holds config.json (every flag, resolved), metrics.jsonl (a line per optimizer step),
 checkpoint.safetensors (trainables, optimizer and RNG state, step) and results.json (the comparison table).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import signal
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -34,10 +30,6 @@ RESUME_FREE = {"resume", "overwrite", "out", "log_every", "save_every", "eval_ev
 
 class RunError(Exception):
     """A user error found while preparing or running: bad flags, a bad out directory, a bad resume."""
-
-
-class Interrupted(Exception):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -245,26 +237,6 @@ def restore(checkpoint: tuple[dict, dict], out: Path, params: dict, optimizer=No
     return meta
 
 
-def skip_update(optimizer, state: dict, loss: float, grad_norm: float, out: Path, rank: int) -> None:
-    """A non-finite loss, or a finite one with non-finite gradients (an overflow in backward), skips the update;
-    every process skips it alike, since loss and gradients are averaged first. Three in a row stop the run."""
-    optimizer.zero_grad(set_to_none=True)
-    step, state["bad_steps"] = state["step"], state["bad_steps"] + 1
-    if rank == 0:
-        print(f"step {step}: loss {loss}, gradient norm {grad_norm}: update skipped ({state['bad_steps']} in a row)",
-              file=sys.stderr)
-    log_line(out, {"step": step + 1, "skipped": True, "loss": str(loss), "grad_norm": str(grad_norm)}, rank)
-    if state["bad_steps"] >= 3:
-        raise RunError(f"the loss or gradients were not finite for 3 steps in a row (the last at step {step}); the "
-                       f"last good checkpoint is kept in {out}; start again with a lower --lr (and --overwrite)")
-    state["step"] += 1
-
-
-def fmt_time(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def resume(checkpoint: tuple[dict, dict], out: Path, params: dict, optimizer, rank: int) -> dict:
     """The training state of a checkpoint, put back into the parameters and the optimizer; the log lines
     written after it are dropped (the resumed run writes them again, identically)."""
@@ -273,184 +245,3 @@ def resume(checkpoint: tuple[dict, dict], out: Path, params: dict, optimizer, ra
         rewrite_log(out, state["step"])
         print(f"resuming at step {state['step']}")
     return state
-
-
-def print_counter(what: str, done: int, total: int, unit: str) -> None:
-    # one line, rewritten in place on stderr, ended when done reaches total
-    print(f"\r{what}: {done}/{total} {unit}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-
-def print_progress(record: dict, steps: int, done: int, tokens: int, t0: float) -> None:
-    """A progress line: the step's loss, lr and depth, the speed over the `done` steps (and `tokens`) of this
-    invocation, and the time to the end at that speed."""
-    elapsed = time.time() - t0
-    eta = elapsed / max(done, 1) * (steps - record["step"])
-    print(f"step {record['step']}/{steps} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-          + (f"depth {record['depth']} | " if "depth" in record else "")
-          + f"{tokens / max(elapsed, 1e-9):,.0f} tok/s | elapsed {fmt_time(elapsed)} | eta {fmt_time(eta)}", flush=True)
-
-
-class Saver:
-    """save(state) at the same steps on every process: the parameters are checked to be identical everywhere
-    before they are written; only rank 0 writes; a failed write stops every process; a step already on disk
-    is not written again."""
-
-    def __init__(self, out: Path, params: dict, optimizer, world: int, rank: int, saved_step: int | None):
-        self.out, self.params, self.optimizer, self.world, self.rank = out, params, optimizer, world, rank
-        self.saved_step = saved_step
-
-    def __call__(self, state: dict, interrupted: bool = False) -> None:
-        if self.saved_step != state["step"]:
-            check_identical(self.world, self.params)
-            error = None
-            if self.rank == 0:
-                try:
-                    save_checkpoint(self.out, self.params, self.optimizer, state)
-                except RunError as e:
-                    error = e
-            raise_everywhere(self.world, error)
-            self.saved_step = state["step"]
-        if interrupted and self.rank == 0:
-            print(f"\ninterrupted: checkpoint at step {state['step']} saved in {self.out}; continue with --resume",
-                  file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Ctrl-C and SIGTERM.
-
-class StopSignals:
-    """Ctrl-C and SIGTERM stop the run at once, except while held: from the end of a step's backward to the end
-    of its bookkeeping they wait for the next step (landing between the update and the step count, the log line
-    or the checkpoint, they would save parameters a step ahead of the counter, or drop a log line). Under
-    torchrun they are always held until the end of the step, where the processes agree to stop together: one
-    stopping alone would leave the others waiting for it in a collective."""
-
-    def __init__(self, world: int, device: torch.device):
-        self.world, self.device, self.held, self.pending = world, device, False, False
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def on_signal(self, signum, frame):
-        if not self.held:
-            raise Interrupted()
-        self.pending = True
-
-    def hold(self, on: bool) -> None:
-        self.held = on
-
-    def check(self) -> None:
-        """Raises Interrupted if a signal is pending on any process."""
-        if self.world > 1:
-            flag = torch.tensor([float(self.pending)], device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.pending = flag.item() > 0
-        if self.pending:
-            raise Interrupted()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Agreement between data-parallel processes: an error or a difference on one process stops them all.
-
-def raise_everywhere(world: int, error: Exception | None) -> None:
-    """Called by every process at the same point: an error that any process met is raised on all of them as a
-    RunError, since one process stopping alone would leave the others waiting for it in their next collective."""
-    if world == 1:
-        if error is not None:
-            raise error
-        return
-    gathered = [None] * world
-    dist.all_gather_object(gathered, None if error is None else str(error))
-    errors = [e for e in gathered if e is not None]
-    if errors:
-        raise RunError(errors[0])
-
-
-def check_identical(world: int, tensors: dict, what: str = "trainable parameters", extra: str = "") -> None:
-    """Called by every process at the same point: the tensors (and `extra`, a string such as a checkpoint's
-    fingerprint) must be bit-identical on every process, compared by one hash each."""
-    if world == 1:
-        return
-    h = hashlib.sha256(extra.encode())
-    for t in tensors.values():
-        h.update(t.detach().cpu().flatten().view(torch.uint8).numpy())
-    gathered = [None] * world
-    dist.all_gather_object(gathered, h.hexdigest())
-    if len(set(gathered)) > 1:
-        raise RunError(f"the {what} differ between the processes, which should never happen in data-parallel "
-                       "training; check that every process reads the same checkpoint and flags")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The machinery around train.py's loop, in one object, so that the loop itself shows only the arithmetic.
-
-class TrainingRun:
-    """with TrainingRun(...) as run: for step in run.steps(): ... run.end_step(record)
-
-    What it does for the loop: resumes the state of a checkpoint; yields the steps still to train, stopping at
-    --stop-after; holds Ctrl-C and SIGTERM from the end of a step's backward to the end of its bookkeeping
-    (hold); counts the step, prints the progress line, appends metrics.jsonl and checkpoints every --save-every
-    (end_step); skips a non-finite update (skip); on Ctrl-C saves a checkpoint and raises KeyboardInterrupt; at
-    the end saves the last checkpoint. The state (step, samples, seconds) is what the checkpoint records."""
-
-    def __init__(self, out: Path | None, params: dict, optimizer, args, device, resume_from: tuple | None,
-                 world: int, rank: int, per_step: int):
-        self.out, self.optimizer, self.args, self.world, self.rank, self.per_step = out, optimizer, args, world, rank, per_step
-        self.state = resume(resume_from, out, params, optimizer, rank) if resume_from else dict(step=0, bad_steps=0, world=world)
-        self.save = Saver(out, params, optimizer, world, rank, self.state["step"] if resume_from is not None else None)
-        # this invocation's start: the progress line's speed counts only its own steps; seconds add up over resumes
-        self.start_step, self.seconds, self.t0 = self.state["step"], self.state.get("seconds", 0.0), time.time()
-        self.signals = StopSignals(world, device)
-
-    def __enter__(self):
-        self.signals.__enter__()
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if kind is not None and issubclass(kind, (KeyboardInterrupt, Interrupted)):
-            self.signals.hold(True)  # a second Ctrl-C waits for this checkpoint
-            try:
-                self.save(self.state, interrupted=True)
-            finally:
-                self.signals.__exit__(kind, error, traceback)
-            raise KeyboardInterrupt from None
-        self.signals.__exit__(kind, error, traceback)
-        if kind is None:
-            self.save(self.state)  # the last step's checkpoint (a step already saved is not written again)
-        return False
-
-    def steps(self):
-        """The optimizer steps still to train: a signal that arrived since the last step stops the run here."""
-        while self.state["step"] < self.args.steps:
-            self.signals.hold(self.world > 1)  # under torchrun, signals wait for the end of the step
-            self.signals.check()
-            if self.args.stop_after is not None and self.state["step"] - self.start_step >= self.args.stop_after:
-                return
-            yield self.state["step"]
-        self.signals.check()  # arrived during the last step's bookkeeping
-
-    def hold(self) -> None:
-        """From here to the end of the step's bookkeeping a signal waits: landing between the update and the step
-        count, it would save parameters one step ahead of the counter."""
-        self.signals.hold(True)
-
-    def skip(self, loss: float, grad_norm: float) -> None:
-        skip_update(self.optimizer, self.state, loss, grad_norm, self.out, self.rank)
-
-    def end_step(self, record: dict) -> None:
-        """The step record["step"] is done: counted, printed every --log-every, logged, checkpointed."""
-        step, args = record["step"], self.args
-        self.state.update(step=step, bad_steps=0, samples=step * self.per_step, seconds=self.seconds + time.time() - self.t0)
-        if self.rank == 0 and (step % args.log_every == 0 or step == args.steps):
-            done = step - self.start_step
-            print_progress(record, args.steps, done, done * self.per_step * args.seq_len, self.t0)
-        if self.rank == 0 and "dev_loss" in record:
-            print(f"step {step}: dev loss {record['dev_loss']:.4f}", flush=True)
-        log_line(self.out, record, self.rank)
-        if step % args.save_every == 0 or step == args.steps:
-            self.save(self.state)

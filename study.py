@@ -32,9 +32,10 @@ from data import DataError, splits as data_splits, token_cache
 from demo import DEMO_ARM, DEMO_BASE, DEMO_PRETRAIN, demo_base
 from devices import pick_device
 from flags import Parser, build_parser
+from guard import fmt_time
 from load_qwen import CheckpointError, atomic_write, load_config, load_model, load_tokenizer, resolve_model
 from model import PROJECTIONS, Decoder
-from runs import CHECKPOINT, RunError, fmt_time, read_checkpoint
+from runs import CHECKPOINT, RunError, read_checkpoint
 
 try:  # a study-only requirement (requirements-dev.txt), like transformers is test-only
     import matplotlib

@@ -32,8 +32,9 @@ from evaluate import arm_name, compare, count, count_flops, inputs_and_targets, 
 from flags import build_parser, check_flags, flag_names, parse_depths
 from load_qwen import (CheckpointError, atomic_write, fingerprint, load_config, load_ouroboros,
                        load_tokenizer, resolve_model)
-from runs import (CHECKPOINT, RunError, TrainingRun, check_identical, check_out_dir, check_resume, check_writable,
-                  finished_run, fmt_time, read_checkpoint, restore, start_run)
+from guard import TrainingRun, check_identical, fmt_time
+from runs import (CHECKPOINT, RunError, check_out_dir, check_resume, check_writable, finished_run, read_checkpoint,
+                  restore, start_run)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -202,31 +202,31 @@ import sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, {root!r})
-import runs
+import guard
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 params = {{"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(3)}}
-runs.check_identical(world, params)  # identical: passes
+guard.check_identical(world, params)  # identical: passes
 print(f"rank {{rank}}: identical ok", flush=True)
 if rank == 1:
     params["b"][2] += 1e-7  # one element, by one ulp (1.0 + 1e-7 rounds to 1.0 + 2**-23)
 for what in ("trainable parameters", "trainable parameters or LoRA bases"):
     try:
-        runs.check_identical(world, params, what=what)
-    except runs.RunError as e:
+        guard.check_identical(world, params, what=what)
+    except guard.RunError as e:
         print(f"rank {{rank}}: {{e}}", flush=True)
 params["b"][2] = 1.0  # the tensors agree again, the base checkpoints' fingerprints do not
 try:
-    runs.check_identical(world, params, what="base checkpoint", extra="abc" if rank == 0 else "abd")
-except runs.RunError as e:
+    guard.check_identical(world, params, what="base checkpoint", extra="abc" if rank == 0 else "abd")
+except guard.RunError as e:
     print(f"rank {{rank}}: {{e}}", flush=True)
-runs.check_identical(world, params, extra="same")
+guard.check_identical(world, params, extra="same")
 print(f"rank {{rank}}: same fingerprint ok", flush=True)
-error = runs.RunError("disk full on rank 0") if rank == 0 else None
+error = guard.RunError("disk full on rank 0") if rank == 0 else None
 try:
-    runs.raise_everywhere(world, error)
-except runs.RunError as e:
+    guard.raise_everywhere(world, error)
+except guard.RunError as e:
     print(f"rank {{rank}}: got {{e}}", flush=True)
 dist.destroy_process_group()
 '''

@@ -128,6 +128,7 @@ def metrics_lines(out):
 KILLER = r'''
 import os, signal, sys
 sys.path.insert(0, {root!r})
+import guard
 import runs
 import train
 
@@ -167,7 +168,7 @@ elif mode.startswith("before-rename"):  # a complete temporary file, not yet ren
         real_replace(src, dst)
     os.replace = replace
 elif mode == "mid-log-line":  # a metrics line cut short
-    real_log = runs.log_line
+    real_log = guard.log_line
 
     def log_line(out, record, rank=0):
         if nth():
@@ -177,7 +178,7 @@ elif mode == "mid-log-line":  # a metrics line cut short
                 f.write(line[:len(line) // 2])
             die()
         real_log(out, record, rank)
-    runs.log_line = log_line  # TrainingRun.end_step's
+    guard.log_line = log_line  # TrainingRun.end_step's
 sys.exit(train.main(argv))
 '''
 

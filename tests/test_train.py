@@ -328,7 +328,7 @@ def test_logged_depths_are_the_draws(world, tmp_path):
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
 def test_precision_follows_the_hardware(world, tmp_path, monkeypatch, capsys, native):
-    monkeypatch.setattr(runs, "native_bf16", lambda device: native)
+    monkeypatch.setattr(devices, "native_bf16", lambda device: native)
     cpu = torch.device("cpu")
     assert devices.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
     assert devices.resolve_precision("fp32", cpu) == "fp32"
@@ -454,9 +454,9 @@ def test_dev_split_during_training_and_test_split_in_the_table(world, tmp_path, 
 
 def test_dev_evaluation_and_sample_use_the_largest_depth(world, tmp_path, monkeypatch):
     depths = []
-    hidden = train.Ouroboros.hidden  # what training, the dev evaluation and generation all call
-    monkeypatch.setattr(train.Ouroboros, "hidden",
-                        lambda self, x, n, cache=None: depths.append((n, torch.is_grad_enabled())) or hidden(self, x, n, cache))
+    forward = train.Ouroboros.forward  # what training, the dev evaluation and generation all call
+    monkeypatch.setattr(train.Ouroboros, "forward",
+                        lambda self, x, n, *a, **k: depths.append((n, torch.is_grad_enabled())) or forward(self, x, n, *a, **k))
     out = tmp_path / "run"
     assert train.main(flags(world, out, "--depths", "2,1", "--eval-every", "1")) == 0
     evaluated = [n for n, grad in depths if not grad]
@@ -696,7 +696,7 @@ def test_chunked_loss_equals_the_plain_loss_and_its_gradients(monkeypatch, dtype
     y = torch.randint(0, V, (B, T))
     plain = evaluate.next_token_loss(head(h), y)
     plain_grads = torch.autograd.grad(plain, [h, *head.parameters()])
-    monkeypatch.setattr(train, "LOSS_CHUNK", 25)
+    monkeypatch.setattr(evaluate, "LOSS_CHUNK", 25)
     rows, cross_entropy = [], F.cross_entropy
     monkeypatch.setattr(evaluate.F, "cross_entropy", lambda logits, *a, **k: rows.append(len(logits)) or cross_entropy(logits, *a, **k))
     chunked = evaluate.loss_from_states(h, y, head)
