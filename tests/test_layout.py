@@ -55,3 +55,8 @@ def test_at_most_a_dozen_names_from_one_module(name):
 def test_no_file_but_the_study_and_the_bench_is_longer_than_450_lines():
     lengths = {p.name: len(p.read_text().splitlines()) for p in ROOT.glob("*.py")}
     assert {n: k for n, k in lengths.items() if k > 450 and n not in LONG} == {}
+
+
+@pytest.mark.parametrize("name", ORDER + ["smollm2"])
+def test_a_fifth_of_the_lines_hold_a_comment(name):
+    assert comment_share(ROOT / f"{name}.py") >= 0.2

@@ -563,6 +563,14 @@ def test_a_stopped_run_has_no_table_and_overwrite_clears_the_old_one(world, fini
     assert sorted(f.name for f in out.iterdir()) == sorted(["config.json", train.CHECKPOINT, "metrics.jsonl"])
 
 
+def test_overwrite_clears_the_old_table_under_a_relative_out(world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = Path("run")  # relative, as the demo's runs/demo-N/none
+    assert train.main(flags(world, out)) == 0 and (out / "results.json").is_file()
+    assert train.main(flags(world, out, "--overwrite", "--stop-after", "1")) == 0
+    assert sorted(f.name for f in out.iterdir()) == sorted(["config.json", train.CHECKPOINT, "metrics.jsonl"])
+
+
 def test_eval_only_scores_in_the_runs_own_precision(world, tmp_path):
     out = tmp_path / "run"
     assert train.main(flags(world, out, "--precision", "fp32")) == 0
