@@ -106,7 +106,7 @@ def test_the_length_rule_takes_the_first_length_whose_last_quarter_gains_little(
 
 
 def test_paired_differences_are_the_differences_of_the_tables_losses(quick):
-    # An independent path: results.json's losses (train.score over every scored token) against the comparisons,
+    # An independent path: results.json's losses (evaluate.score over every scored token) against the comparisons,
     # built from per-document losses weighted by the protocol's token counts.
     out, _ = quick
     base = base_of(out)
