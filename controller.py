@@ -1,6 +1,6 @@
 """Ouroboros: one recurrent decoder layer, looped, with input-dependent LoRA weights at every step.
 
-Read with ../shared/METHOD.md. The pieces, leaves first: the configuration and the layer split, the SVD
+Read with README.md's "The method, next to the code". The pieces, leaves first: the configuration and the layer split, the SVD
 LoRA bases, the Controller (and the static ablation with the same call signature), then the recursive
 model: embed -> prelude -> N x (Controller, modulated layer, step norm, gate) -> coda -> norm -> head.
 """
@@ -314,7 +314,8 @@ class Ouroboros(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, n_steps: int) -> torch.Tensor:
         """forward's states before the final norm and the head (B, T, d): what training and evaluation read, since
-        train.py applies the head a chunk of positions at a time (the whole vocabulary's logits never exist)."""
+        evaluate.loss_from_states applies the head a chunk of positions at a time (the whole vocabulary's logits
+        never exist)."""
         return self(input_ids, n_steps, logits=False)
 
     def hidden_at(self, input_ids: torch.Tensor, depths: list[int]) -> dict[int, torch.Tensor]:

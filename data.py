@@ -35,7 +35,7 @@ class DataError(Exception):
 
 
 class Doc(NamedTuple):
-    name: str  # where it came from, for messages
+    name: str  # a label: its file, and the line or paragraph it starts at
     text: str
     id: str | None = None  # a .jsonl record's "id": the split follows it instead of the text
 

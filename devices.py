@@ -1,8 +1,8 @@
-"""The device, the compute dtype, and agreement between data-parallel processes (one per GPU under torchrun).
+"""The device, the compute dtype, and the averages over data-parallel processes (one per GPU under torchrun).
 
 Nothing here knows about Ouroboros: train.py asks which device and dtype to use, and the few collectives its loop
-needs (a mean over processes, a check that every process holds the same tensors) live here, so that a reader of
-the loop sees one named call where a distributed detail is.
+needs (a mean and a sum over processes, the gradients' average) live here, so that a reader of the loop sees one
+named call where a distributed detail is. The checks that every process agrees are guard.py's.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ BASE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data-parallel processes: gradients averaged, errors and checks agreed on by all.
+# Data-parallel processes: the process group, means and sums over processes, the gradients' average.
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun; a plain python run is one process

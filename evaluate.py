@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +21,6 @@ from data import Windows
 from devices import BASE_DTYPE, all_sum, autocast, rank_world
 from load_qwen import atomic_write, load_model
 from flags import parse_depths
-from guard import print_counter
 from runs import RunError
 
 
@@ -77,6 +77,11 @@ def loss_from_states(h: torch.Tensor, targets: torch.Tensor, head, reduction: st
 # Evaluation: the same windows, spread over the whole split, for every model; shared out between processes.
 
 # no_grad: evaluation never calls backward, so no graph is kept and loss_from_states skips its recomputation.
+def print_counter(what: str, done: int, total: int, unit: str) -> None:
+    # one line, rewritten in place on stderr, ended when done reaches total
+    print(f"\r{what}: {done}/{total} {unit}", end="\n" if done == total else "", file=sys.stderr, flush=True)
+
+
 @torch.no_grad()
 def score(forward, keys, head, split: Windows, args, device, what: str | None = None) -> dict:
     """Next-token loss of each output of forward(x), a dict of states before the head under `keys` (one per depth,

@@ -168,7 +168,7 @@ def check_flags(args) -> None:
                                                             "weight_decay", "temperature")]
     # Positive: an alpha of 0 would switch a delta off without a word, a clip of 0 would zero every gradient. A
     # min_lr_ratio above 1 would make the lr rise after warmup. A split fraction of 0 leaves that split empty, which
-    # data.windows_for would refuse only after the whole corpus was tokenised.
+    # data.tokenize would refuse only after the whole corpus was read.
     checks += [("stop_after", args.stop_after is None or args.stop_after >= 1, ">= 1"), ("lr", args.lr > 0, "> 0"),
                ("lora_lr", args.lora_lr is None or args.lora_lr > 0, "> 0"),
                ("alpha", args.alpha > 0, "> 0"), ("lora_alpha", args.lora_alpha > 0, "> 0"), ("clip", args.clip > 0, "> 0"),

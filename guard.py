@@ -242,11 +242,6 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def print_counter(what: str, done: int, total: int, unit: str) -> None:
-    # one line, rewritten in place on stderr, ended when done reaches total
-    print(f"\r{what}: {done}/{total} {unit}", end="\n" if done == total else "", file=sys.stderr, flush=True)
-
-
 def print_progress(record: dict, steps: int, done: int, tokens: int, t0: float) -> None:
     """A progress line: the step's loss, lr and depth, the speed over the `done` steps (and `tokens`) of this
     invocation, and the time to the end at that speed."""

@@ -1,5 +1,6 @@
 """Reads and writes Hugging Face-layout checkpoint directories of Qwen2 / Qwen2.5, Llama and Qwen3 directly:
 config.json, safetensors shards, tokenizer.json. No transformers. A hub id is resolved to such a directory first.
+Also the atomic file writes (atomic_write, publish) that every module uses.
 
 Tensors are read lazily with `safe_open` (memory-mapped), so loading some layers never reads the others.
 Loading is strict: every checkpoint tensor is used or deliberately skipped, every parameter is filled,
@@ -330,7 +331,8 @@ def publish(tmp: Path, file: Path) -> None:
 
 
 def atomic_write(file: Path, write: Callable[[Path], None]) -> None:
-    """Every file the project writes goes through here: write(tmp) fills a temporary file beside `file`, which
+    """Whole files the project writes (checkpoints, configs, tables) go through here; the log is appended and the
+    token files are published (publish). write(tmp) fills a temporary file beside `file`, which
     is then published; if anything fails, the temporary file is removed and `file` is as it was."""
     file = Path(file)
     tmp = file.with_name(file.name + ".tmp")  # a stale one left by a killed process is simply written over
@@ -392,7 +394,7 @@ def save_model(model: Decoder, path, tokenizer: Tokenizer | None = None) -> None
 def load_ouroboros(path, cfg, dtype: torch.dtype | None = None, device="cpu"):
     """Builds Ouroboros from a checkpoint: the kept layers (prelude, recurrent, coda) are loaded; the removed
     layers are streamed one at a time, only to build the SVD LoRA bases, so peak memory stays near the kept
-    weights. The trainable parameters are fresh (fp32); load a trained run's on top with load_state_dict."""
+    weights. The trainable parameters are fresh (fp32); load a trained run's on top with runs.restore."""
 
     qcfg = load_config(path)  # the base model's; cfg is Ouroboros' own (split, rank, ...)
     prelude, rec, coda, removed = cfg.split(qcfg.num_hidden_layers)

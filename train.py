@@ -7,8 +7,9 @@
 
 Read top to bottom: the learning-rate schedule and the depth per step, the one training loop (every variant's,
 and the demo's pretraining), one run, using a finished run (--sample, --eval-only), the demo, main(). The flags:
-flags.py; the loss and the comparison table: evaluate.py; what keeps a run safe (checkpoints, Ctrl-C, resume,
-agreement between processes): runs.py; the device and dtype: devices.py; data: data.py.
+flags.py; the loss and the comparison table: evaluate.py; the run on disk (its directory, checkpoints, resume):
+runs.py; what guards the loop (Ctrl-C, saving, skipped updates, agreement between processes): guard.py; the
+device, the dtype and the averages over processes: devices.py; data: data.py.
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def train(forward, head, model: torch.nn.Module, data: Windows, dev: Windows | N
     """Optimizes the trainable parameters of `model` (fp32) so that head(forward(inputs, depth)) predicts the next
     token; forward gives the states before the head. --eval-every reads `dev`; `looped` is False for the demo's
     pretraining (no depth). Returns the final state. The checkpoints, Ctrl-C, skipped updates and the log are
-    runs.TrainingRun's: the loop below is the arithmetic."""
+    guard.TrainingRun's: the loop below is the arithmetic."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # by name: the checkpoint's keys
     optimizer = build_optimizer(model, params, args, device)
     per_step = args.batch_size * args.grad_accum * world  # windows per optimizer step, all processes together
@@ -108,9 +109,10 @@ def train(forward, head, model: torch.nn.Module, data: Windows, dev: Windows | N
                 loss_sum += loss.detach()
             loss = all_mean(loss_sum / args.grad_accum, world).item()  # the same number on every process
             run.hold()  # Ctrl-C waits from here to the end of the step's bookkeeping
+            # The gradients averaged over the processes (data parallelism), then their norm clipped to --clip.
             grad_norm = clip_gradients(params, args.clip, world) if math.isfinite(loss) else math.nan
             if not math.isfinite(grad_norm):  # an overflow: no update, and three in a row stop the run
-                run.skip(loss, grad_norm)
+                run.skip(loss, grad_norm)  # gradients cleared, the step used up (counted, not retried)
                 continue
             optimizer.step()  # AdamW on the fp32 trainables; the frozen base has no gradients
             optimizer.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes instead of adding
@@ -194,7 +196,8 @@ def run(args) -> int:
     out = check_out_dir(args) if args.steps else None  # --steps 0 writes no run directory
     qcfg, model = prepare_arm(args, device, cfg)
     checkpoint = check_resume(out, args, model.trainable_parameters()) if args.resume and out else None
-    # Tokenised (or read from the cache) before the processes start: one at a time, so none waits in a collective.
+    # Tokenised (or read from the cache) before the process group starts: the processes take the cache's lock one
+    # at a time, and none waits in a collective meanwhile.
     splits = data_splits(args.data, load_tokenizer(args.model), qcfg.vocab_size, args.seq_len, args.seed,
                          args.dev_fraction, args.test_fraction, token_cache(args.token_cache))
     if args.steps == 0:  # the reference rows alone, on dev and test, to choose a cut before anything trains
