@@ -653,7 +653,11 @@ COMPARISONS = [
 def compare_groups(groups: dict, fixed: dict, tokens: np.ndarray, gap: float) -> dict:
     results = {}
     for a, b in COMPARISONS:
-        if a not in groups or (b not in groups and b not in fixed):  # not run on this base
+        if (a not in groups and a not in fixed) or (b not in groups and b not in fixed):  # not run on this base
+            continue
+        if a in fixed:  # two rows without training (an untrained loop against the cut): one vector each, no seeds
+            results[(a, b)] = paired(nan_for_none(fixed[a]["per_document"])[None],
+                                     nan_for_none(fixed[b]["per_document"])[None], tokens, gap) | {"seeds": [0]}
             continue
         # The seeds both sides have; a fixed row (no training) pairs with every seed of A.
         seeds = sorted(set(groups[a]) & (set(groups[a]) if b in fixed else set(groups[b])))
@@ -699,6 +703,17 @@ CLAIMS = [
      "not A"),
     ("Adapting the coda is the fix for the held-out gap (the authors' proposal)", "proposed, not measured",
      ("dynamic-coda", "dynamic"), "A"),
+]
+# The questions the paper left open, each one comparison of COMPARISONS (A, B), answered by its verdict.
+QUESTIONS = [
+    ("Does the Controller beat plain LoRA of the cut at matched parameters?", ("dynamic", "lora-cut")),
+    ("... and at matched training FLOPs?", ("dynamic", "lora-cut-flops")),
+    ("Does the Controller need its input (against the input-blind Controller)?", ("dynamic", "blind")),
+    ("Does static per-step LoRA beat the input-blind Controller (the audit's missing row)?", ("static", "blind")),
+    ("Does the Controller add anything to LoRA on the coda?", ("dynamic-coda", "lora-coda")),
+    ("Does the trained loop beat the same loop untrained (the paper's gate at init, zero parameters)?",
+     ("dynamic", "loop-gate-depth4")),
+    ("Does the zero-parameter loop beat the cut baseline?", ("loop-gate-depth4", "cut")),
 ]
 # What the claim expects -> the verdicts that confirm it.
 HOLDS = {"A": {"A"}, "B": {"B"}, "same": {"same"}, "not A": {"B", "same"}}
@@ -759,7 +774,14 @@ def write_report(out: Path, bases: list[dict], command: str) -> None:
         for claim, number, c, expect in CLAIMS])
     lines += ["", "A - B: test loss of A minus B in nats, mean over seeds (negative: A is better), with a 95% interval "
               "that resamples seeds and test documents. The paper's numbers are training losses on FineWeb-Edu with "
-              "Qwen2.5-3B; only the directions of the claims compare.", ""]
+              "Qwen2.5-3B; only the directions of the claims compare.", "",
+              "The questions the paper left open, each answered by one comparison of the tables below (its verdict, "
+              "by the rule stated there):", ""]
+    lines += table(["question (A vs B)"] + [f"{b['spec']['title']}: A - B [95% interval]; verdict" for b in bases],
+                   [[f"{question} ({label(c[0])} vs {label(c[1])})"] + [
+                       f"{interval(b['results'].get(c))}; **{said(c, b['results'][c]) if c in b['results'] else 'not measured on this base'}**"
+                       for b in bases] for question, c in QUESTIONS])
+    lines += [""]
     for base in bases:
         lines += base_lines(base, out)
     atomic_write(out / "RESULTS.md", lambda f: f.write_text("\n".join(lines) + "\n"))
@@ -851,8 +873,10 @@ def protocol_lines(b: dict) -> list[str]:
               f"{protocol['ranks']['dynamic_used']:,} parameters the dynamic arm uses at depth 4: rank "
               f"{protocol['ranks']['lora-cut']} on every kept layer, {protocol['ranks']['lora-coda']} on the coda, "
               f"{protocol['ranks']['lora-full']} on every layer of the full model.",
-              f"- **Wall time** on the machine that ran it: {fmt_time(sum(b['timing'].values()) + protocol['base'].get('seconds', 0.0))} "
-              "(summed from timing.json, with the small base's pretraining).", ""]
+              f"- **Wall time**: {fmt_time(sum(b['timing'].values()) + protocol['base'].get('seconds', 0.0))}, summed "
+              "from timing.json" + (" and the base's pretraining" if "seconds" in protocol["base"] else "") + " over "
+              "the sittings that ran it, on 2-core CPUs that other work sometimes shared: what the study cost, not a "
+              "speed.", ""]
     return lines
 
 
@@ -957,24 +981,27 @@ def figures(b: dict, where: Path) -> list[str]:
     entries += [(label(g), [share(r["loss"])], "#969696") for g, r in b["fixed"].items()
                 if g.startswith("loop") and g.endswith("depth4")]  # the untrained loops, in grey
     values = sorted(v for _, vs, _ in entries for v in vs)
-    # The middle 80% of the dots plus a margin, never narrower than -10..110%: both references always show, and an
-    # arm far off (a divergence) does not squash the rest into a line.
+    # The middle 80% of the dots plus a margin, never narrower than -10..110% and always wide enough for the adapted
+    # full model: every reference shows, and an arm far off (a divergence) does not squash the rest into a line.
+    adapted = share(b["adapted"]) if b["adapted"] is not None else 100.0
     lo = min(-10.0, np.percentile(values, 10) - 10) if values else -10.0
-    hi = max(110.0, np.percentile(values, 90) + 10) if values else 110.0
+    hi = max(110.0, adapted + 10, np.percentile(values, 90) + 10) if values else 110.0
     fig, ax = plt.subplots(figsize=(8, 0.32 * len(entries) + 1.4))
     for y, (name, vs, c) in enumerate(entries):
-        for v in vs:
-            if lo <= v <= hi:
-                ax.plot(v, y, "o", color=c, ms=5, alpha=0.8)
-            else:  # off the scale: a marker at the edge with the value
-                edge = lo if v < lo else hi
-                ax.plot(edge, y, "<" if v < lo else ">", color=c, ms=7)
-                ax.annotate(f"{v:.0f}%", (edge, y), textcoords="offset points", xytext=(6 if v < lo else -30, 3), fontsize=7)
-        ax.plot(np.mean(vs), y, "|", color="black", ms=12)  # the mean over seeds
+        inside = [v for v in vs if lo <= v <= hi]
+        ax.plot(inside, [y] * len(inside), "o", color=c, ms=5, alpha=0.8)
+        for side, off in ((-1, [v for v in vs if v < lo]), (1, [v for v in vs if v > hi])):
+            if off:  # off the scale: one marker at the edge, labelled with the values (one per seed)
+                edge = lo if side < 0 else hi
+                ax.plot(edge, y, "<" if side < 0 else ">", color=c, ms=7, clip_on=False)
+                ax.annotate(" ".join(f"{v:.0f}%" for v in off), (edge, y), textcoords="offset points",
+                            xytext=(8 * -side, 4), ha="left" if side < 0 else "right", fontsize=7)
+        if inside:
+            ax.plot(np.mean(vs), y, "|", color="black", ms=12)  # the mean over seeds
     ax.axvline(0, color="red", ls="--", lw=1, label="cut baseline")
     ax.axvline(100, color="green", ls="--", lw=1, label="full model")
     if b["adapted"] is not None:  # a lora-full run has finished
-        ax.axvline(share(b["adapted"]), color="#a63603", ls=":", lw=1, label="LoRA on the full model (mean)")
+        ax.axvline(adapted, color="#a63603", ls=":", lw=1, label="LoRA on the full model (mean)")
     ax.set_xlim(lo, hi)
     ax.set_yticks(range(len(entries)), [e[0] for e in entries], fontsize=7)
     ax.invert_yaxis()  # the first entry at the top
@@ -986,6 +1013,7 @@ def figures(b: dict, where: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     # The chosen cut's references on dev, from the ladder: the curves are dev losses too.
     dev = next(r for r in b["protocol"]["ladder"] if r["split"] == b["protocol"]["split"])
+    lowest = dev["full"]  # the lowest dev loss drawn: the bottom of the frame
     for g, seeds in b["groups"].items():
         run = seeds.get(0)  # only seed 0 has a dev curve (arm_flags' curve)
         if run is None or g.endswith("-paper"):
@@ -995,37 +1023,61 @@ def figures(b: dict, where: Path) -> list[str]:
         points = [(p["step"], p["dev_loss"]) for p in log if "dev_loss" in p]
         if points:
             ax.plot(*zip(*points), ".-", color=colour(g), label=label(g), lw=1.2)
+            lowest = min([lowest, *(loss for _, loss in points)])
     ax.axhline(dev["full"], color="green", ls="--", lw=1, label="full model (dev)")
     ax.axhline(dev["cut"], color="red", ls="--", lw=1, label="cut baseline (dev)")
     span = dev["cut"] - dev["full"]
-    # From 1.5 gaps below the full model (adapters that learn the corpus pass it) to half a gap above the cut, room
-    # for the looped arms' early points (they start above it); a diverged curve leaves the frame, the rest stay legible.
-    ax.set_ylim(dev["full"] - 1.5 * span, dev["cut"] + 0.5 * span)
+    # From just below the lowest curve (adapters that learn the corpus pass the full model) to half a gap above the
+    # cut, room for the looped arms' early points (they start above it); a diverged curve leaves the frame.
+    ax.set_ylim(min(lowest, dev["full"]) - 0.15 * span, dev["cut"] + 0.5 * span)
     ax.set(xlabel="optimizer step", ylabel="dev loss (nats)")
     ax.set_title(f"{b['spec']['title']}: dev loss during training (seed 0)", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     plots["dev_loss.png"] = fig
     # 3. loss against the evaluation depth
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    # From half a gap below the full model to a gap above the cut; a point beyond the top (a loop that blows up) is
+    # drawn at the edge with its value.
+    bottom, top = full - 0.5 * gap, cut + gap
+    # The trained arms in their family's colour, the untrained loops dashed in greys.
+    colours = {label(g): colour(g) for g in b["groups"]} | {what: grey for (what, _), grey in
+                                                           zip(LOOPS.values(), ("#969696", "#525252"))}
     for name, c in depth_curves(b).items():
-        style = "s--" if name.startswith("untrained") else "o-"  # untrained loops dashed
-        ax.plot(sorted(c), [c[d] for d in sorted(c)], style, label=name)
+        style = "s--" if name.startswith("untrained") else "o-"
+        depths = sorted(c)
+        line, = ax.plot(depths, [c[d] for d in depths], style, label=name, color=colours.get(name))
+        for d in depths:
+            if c[d] > top:  # off the scale: a marker on the top edge, with the value
+                ax.plot(d, top, "^", color=line.get_color(), ms=7, clip_on=False)
+                ax.annotate(f"{c[d]:.2f}", (d, top), textcoords="offset points", xytext=(6, -12), fontsize=7,
+                            color=line.get_color())
     ax.axhline(cut, color="red", ls="--", lw=1, label="cut baseline")
     ax.axhline(full, color="green", ls="--", lw=1, label="full model")
-    ax.set_ylim(full - 1.5 * gap, cut + 1.5 * gap)  # a loop far above the cut leaves the frame
+    ax.set_ylim(bottom, top)
     # log scale: the depths double
     ax.set(xscale="log", xlabel="evaluation depth", ylabel="test loss (nats)")
     ax.set_title(f"{b['spec']['title']}: test loss against evaluation depth", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower left")  # the top is where off-scale points are marked
     plots["depth.png"] = fig
     # 4. the paired differences, as shares of the gap
     results = b["results"]
     fig, ax = plt.subplots(figsize=(11, 0.32 * len(results) + 1.5))
+    # The scale: -110..110% of the gap (every arm-vs-arm row of the study fits); a row beyond it (a comparison with
+    # an untrained loop that blows up) is an arrow at the edge with its mean, so that it squashes nothing.
+    lo, hi = -110.0, 110.0
     for y, ((a, c), r) in enumerate(results.items()):
         # In shares of the test gap, as the margin is; the bar: the 95% interval, the black dots: the seeds.
-        ax.errorbar(100 * r["mean"] / gap, y, xerr=[[100 * (r["mean"] - r["lo"]) / gap], [100 * (r["hi"] - r["mean"]) / gap]],
-                    fmt="o", capsize=3, color=colour(a))
-        ax.plot([100 * v / gap for v in r["per_seed"]], [y] * len(r["per_seed"]), "k.", ms=3)
+        mean, low, high = (100 * r[k] / gap for k in ("mean", "lo", "hi"))
+        if lo <= mean <= hi:
+            ax.errorbar(mean, y, xerr=[[mean - max(low, lo)], [min(high, hi) - mean]], fmt="o", capsize=3,
+                        color=colour(a))
+            ax.plot([100 * v / gap for v in r["per_seed"]], [y] * len(r["per_seed"]), "k.", ms=3)
+        else:
+            edge = lo if mean < lo else hi
+            ax.plot(edge, y, "<" if mean < lo else ">", color=colour(a), ms=7, clip_on=False)
+            ax.annotate(f"{mean:.0f}%", (edge, y), textcoords="offset points", xytext=(8 if mean < lo else -8, 4),
+                        ha="left" if mean < lo else "right", fontsize=7)
+    ax.set_xlim(lo, hi)
     ax.axvline(0, color="gray")
     for m in (-100 * PRACTICAL, 100 * PRACTICAL):  # the verdicts' margin
         ax.axvline(m, color="gray", ls=":", lw=1)

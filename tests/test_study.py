@@ -48,6 +48,9 @@ def test_quick_study_writes_every_run_results_and_figures(quick):
         assert section in text
     for claim, *_ in study.CLAIMS:
         assert claim in text
+    for question, _ in study.QUESTIONS:  # every open question is answered: none is left "not measured"
+        assert question in text
+    assert "not measured on this base" not in text.split("| question (A vs B)")[1].split("\n\n")[0]
     for png in ("gap_recovered.png", "dev_loss.png", "depth.png", "paired_differences.png"):
         assert (out / "results" / "small" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"{len(base['runs'])} of {len(base['runs'])} grid runs finished" in text
@@ -118,6 +121,10 @@ def test_paired_differences_are_the_differences_of_the_tables_losses(quick):
     assert results[("dynamic", "cut")]["per_seed"][0] == pytest.approx(loss("dynamic-s0") - cut, abs=1e-9)
     assert results[("lora-cut", "lora-full")]["per_seed"][0] == pytest.approx(
         loss("lora-cut-s0") - loss("lora-full-s0"), abs=1e-9)
+    # Two rows without training (the untrained loop against the cut): their two scored losses, one "seed".
+    split = untrained["/".join(map(str, base["protocol"]["split"]))]
+    loop = next(r for r in split["loops"]["loop-gate"] if r["depth"] == 4)["loss"]
+    assert results[("loop-gate-depth4", "cut")]["per_seed"] == [pytest.approx(loop - cut, abs=1e-9)]
 
 
 def test_the_untrained_plain_loop_at_depth_one_is_the_cut_baseline(quick):
