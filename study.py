@@ -657,7 +657,7 @@ def compare_groups(groups: dict, fixed: dict, tokens: np.ndarray, gap: float) ->
             continue
         if a in fixed:  # two rows without training (an untrained loop against the cut): one vector each, no seeds
             results[(a, b)] = paired(nan_for_none(fixed[a]["per_document"])[None],
-                                     nan_for_none(fixed[b]["per_document"])[None], tokens, gap) | {"seeds": [0]}
+                                     nan_for_none(fixed[b]["per_document"])[None], tokens, gap) | {"seeds": None}
             continue
         # The seeds both sides have; a fixed row (no training) pairs with every seed of A.
         seeds = sorted(set(groups[a]) & (set(groups[a]) if b in fixed else set(groups[b])))
@@ -736,7 +736,12 @@ def table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def interval(r: dict | None) -> str:
-    return f"{r['mean']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]" if r else "not measured"
+    if not r:
+        return "not measured"
+    # Fewer seeds than the protocol's (a grid half-way, a seed-0-only arm) are said; rows without training have none.
+    seeds = "" if r["seeds"] is None or len(r["seeds"]) == len(SEEDS) else \
+        f" (seed{'s' if len(r['seeds']) > 1 else ''} {', '.join(map(str, r['seeds']))} only)"
+    return f"{r['mean']:+.4f} [{r['lo']:+.4f}, {r['hi']:+.4f}]{seeds}"
 
 
 def summarise(base: dict) -> dict:
