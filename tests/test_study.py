@@ -215,6 +215,15 @@ def test_the_interval_resamples_seeds_as_well_as_documents():
     assert (r["lo"], r["hi"]) == (pytest.approx(-1.0), pytest.approx(-0.2))
 
 
+def test_a_comparison_on_fewer_seeds_than_the_protocol_says_which():
+    row = dict(mean=-0.05, lo=-0.06, hi=-0.04)
+    assert study.interval(row | {"seeds": [0, 1, 2]}) == "-0.0500 [-0.0600, -0.0400]"  # all of SEEDS: nothing said
+    assert study.interval(row | {"seeds": [0, 1]}) == "-0.0500 [-0.0600, -0.0400] (seeds 0, 1 only)"
+    assert study.interval(row | {"seeds": [0]}) == "-0.0500 [-0.0600, -0.0400] (seed 0 only)"
+    assert study.interval(row | {"seeds": None}) == "-0.0500 [-0.0600, -0.0400]"  # rows without training: no seeds
+    assert study.interval(None) == "not measured"
+
+
 def test_verdicts_follow_the_rule():
     v = study.verdict
     assert v(np.array([-0.2, -0.3]), -0.4, -0.1, gap=1.0) == "A"
