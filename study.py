@@ -974,6 +974,13 @@ def colour(group: str) -> str:
     return FAMILY.get(arm_of(group)[0], "#969696")  # grey: the rows without training
 
 
+def line_style(group: str) -> dict:
+    """matplotlib keywords of a group's curve: its family's colour; an arm trained at depth 1 dotted, open markers."""
+    if arm_of(group)[1] == "-depth1":
+        return dict(color=colour(group), ls=":", mfc="white")
+    return dict(color=colour(group), ls="-")
+
+
 def figures(b: dict, where: Path) -> list[str]:
     if plt is None:
         raise RunError("the study's figures need matplotlib: pip install -r requirements-dev.txt")
@@ -1015,7 +1022,8 @@ def figures(b: dict, where: Path) -> list[str]:
     ax.legend(fontsize=7, loc="lower right")
     plots["gap_recovered.png"] = fig
     # 2. dev loss during training (seed 0), by family colour, scaled to the full-to-cut range
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    curves = {}  # group -> [(step, dev loss)]
     # The chosen cut's references on dev, from the ladder: the curves are dev losses too.
     dev = next(r for r in b["protocol"]["ladder"] if r["split"] == b["protocol"]["split"])
     lowest = dev["full"]  # the lowest dev loss drawn: the bottom of the frame
@@ -1027,30 +1035,37 @@ def figures(b: dict, where: Path) -> list[str]:
         log = [json.loads(line) for line in run["metrics"].read_text().splitlines()]
         points = [(p["step"], p["dev_loss"]) for p in log if "dev_loss" in p]
         if points:
-            ax.plot(*zip(*points), ".-", color=colour(g), label=label(g), lw=1.2)
+            curves[g] = points
             lowest = min([lowest, *(loss for _, loss in points)])
-    ax.axhline(dev["full"], color="green", ls="--", lw=1, label="full model (dev)")
-    ax.axhline(dev["cut"], color="red", ls="--", lw=1, label="cut baseline (dev)")
     span = dev["cut"] - dev["full"]
     # From just below the lowest curve (adapters that learn the corpus pass the full model) to half a gap above the
-    # cut, room for the looped arms' early points (they start above it); a diverged curve leaves the frame.
-    ax.set_ylim(min(lowest, dev["full"]) - 0.15 * span, dev["cut"] + 0.5 * span)
-    ax.set(xlabel="optimizer step", ylabel="dev loss (nats)")
+    # cut, room for the looped arms' early points (they start above it).
+    bottom, top = min(lowest, dev["full"]) - 0.15 * span, dev["cut"] + 0.5 * span
+    for g, points in curves.items():
+        line, = ax.plot(*zip(*points), marker="o", ms=3, label=label(g), lw=1.2, **line_style(g))
+        step, loss = points[-1]
+        if all(loss > top for _, loss in points):  # a curve wholly above the frame (a divergence): its last point
+            ax.plot(step, top, "^", color=line.get_color(), ms=7, clip_on=False)
+            ax.annotate(f"{label(g)}: {loss:.2f}", (step, top), textcoords="offset points", xytext=(-8, -12),
+                        ha="right", fontsize=7)
+    ax.axhline(dev["full"], color="green", ls="--", lw=1, label="full model (dev)")
+    ax.axhline(dev["cut"], color="red", ls="--", lw=1, label="cut baseline (dev)")
+    ax.set_ylim(bottom, top)
+    ax.set(xlabel="optimizer step (dev scored every fifth of the run, before its last step)", ylabel="dev loss (nats)")
     ax.set_title(f"{b['spec']['title']}: dev loss during training (seed 0)", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the frame: it hides no curve
     plots["dev_loss.png"] = fig
     # 3. loss against the evaluation depth
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     # From half a gap below the full model to a gap above the cut; a point beyond the top (a loop that blows up) is
     # drawn at the edge with its value.
     bottom, top = full - 0.5 * gap, cut + gap
-    # The trained arms in their family's colour, the untrained loops dashed in greys.
-    colours = {label(g): colour(g) for g in b["groups"]} | {what: grey for (what, _), grey in
-                                                           zip(LOOPS.values(), ("#969696", "#525252"))}
+    # The trained arms as in the dev-loss plot, the untrained loops dashed in greys with square markers.
+    styles = {label(g): dict(marker="o", **line_style(g)) for g in b["groups"]} | {
+        what: dict(marker="s", ls="--", color=grey) for (what, _), grey in zip(LOOPS.values(), ("#969696", "#525252"))}
     for name, c in depth_curves(b).items():
-        style = "s--" if name.startswith("untrained") else "o-"
         depths = sorted(c)
-        line, = ax.plot(depths, [c[d] for d in depths], style, label=name, color=colours.get(name))
+        line, = ax.plot(depths, [c[d] for d in depths], label=name, **styles[name])
         for d in depths:
             if c[d] > top:  # off the scale: a marker on the top edge, with the value
                 ax.plot(d, top, "^", color=line.get_color(), ms=7, clip_on=False)
@@ -1062,7 +1077,7 @@ def figures(b: dict, where: Path) -> list[str]:
     # log scale: the depths double
     ax.set(xscale="log", xlabel="evaluation depth", ylabel="test loss (nats)")
     ax.set_title(f"{b['spec']['title']}: test loss against evaluation depth", fontsize=9)
-    ax.legend(fontsize=7, loc="lower left")  # the top is where off-scale points are marked
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the frame: it hides no point
     plots["depth.png"] = fig
     # 4. the paired differences, as shares of the gap
     results = b["results"]
