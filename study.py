@@ -1211,7 +1211,9 @@ def study_base(opts, device) -> dict:
     dev_gap = next(r["gap"] for r in protocol["ladder"] if r["split"] == protocol["split"])
     base["length"] = chosen_length(runs_dir / "length-dynamic-s0", spec["max_steps"], dev_gap)
     base["runs"] = grid(spec, protocol, lrs, base["length"]["steps"], opts.quick)
-    stage("grid", base["runs"])  # False under --report with runs unfinished: the report shows what exists
+    if stage("grid", base["runs"]) and not opts.report:  # False under --report with runs unfinished
+        print(f"{name}: all {len(base['runs'])} grid runs and their pilots are finished, nothing left to train",
+              flush=True)
     return base
 
 
