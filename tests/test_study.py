@@ -155,14 +155,17 @@ def test_lora_arms_are_matched_to_the_parameters_the_dynamic_arm_uses(quick):
     assert abs(total(matched) - total(dynamic)) <= step
 
 
-def test_a_finished_study_trains_nothing_and_report_rebuilds_from_run_outputs(quick, monkeypatch):
+def test_a_finished_study_trains_nothing_and_report_rebuilds_from_run_outputs(quick, monkeypatch, capsys):
     out, argv = quick
     before = (out / "RESULTS.md").read_text()
     monkeypatch.setattr(train, "run", lambda args: pytest.fail(f"trained {args.out} again"))
-    assert study.main(argv) == 0
-    # a fresh clone: run outputs without checkpoints; --report needs neither a model nor data
+    # a fresh clone: run outputs without checkpoints; neither the study nor --report trains anything again
     for checkpoint in runs_dir(out).glob("*/checkpoint.safetensors"):
         checkpoint.unlink()
+    (out / "RESULTS.md").unlink()
+    assert study.main(argv) == 0
+    assert "nothing left to train" in capsys.readouterr().out
+    assert (out / "RESULTS.md").read_text() == before
     (out / "RESULTS.md").unlink()
     assert study.main(["--quick", "--report", "--out", str(out)]) == 0
     assert (out / "RESULTS.md").read_text() == before
