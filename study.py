@@ -981,6 +981,12 @@ def line_style(group: str) -> dict:
     return dict(color=colour(group), ls="-")
 
 
+def off_scale(ax, xy: tuple, marker: str, colour: str, text: str, offset: tuple, **text_style) -> None:
+    """A point beyond the frame: a marker on its edge at xy, labelled with its value(s) (offset in points)."""
+    ax.plot(*xy, marker, color=colour, ms=7, clip_on=False)
+    ax.annotate(text, xy, textcoords="offset points", xytext=offset, fontsize=7, **text_style)
+
+
 def figures(b: dict, where: Path) -> list[str]:
     if plt is None:
         raise RunError("the study's figures need matplotlib: pip install -r requirements-dev.txt")
@@ -1004,10 +1010,8 @@ def figures(b: dict, where: Path) -> list[str]:
         ax.plot(inside, [y] * len(inside), "o", color=c, ms=5, alpha=0.8)
         for side, off in ((-1, [v for v in vs if v < lo]), (1, [v for v in vs if v > hi])):
             if off:  # off the scale: one marker at the edge, labelled with the values (one per seed)
-                edge = lo if side < 0 else hi
-                ax.plot(edge, y, "<" if side < 0 else ">", color=c, ms=7, clip_on=False)
-                ax.annotate(" ".join(f"{v:.0f}%" for v in off), (edge, y), textcoords="offset points",
-                            xytext=(8 * -side, 4), ha="left" if side < 0 else "right", fontsize=7)
+                off_scale(ax, (lo if side < 0 else hi, y), "<" if side < 0 else ">", c,
+                          " ".join(f"{v:.0f}%" for v in off), (8 * -side, 4), ha="left" if side < 0 else "right")
         if inside:
             ax.plot(np.mean(vs), y, "|", color="black", ms=12)  # the mean over seeds
     ax.axvline(0, color="red", ls="--", lw=1, label="cut baseline")
@@ -1043,11 +1047,10 @@ def figures(b: dict, where: Path) -> list[str]:
     bottom, top = min(lowest, dev["full"]) - 0.15 * span, dev["cut"] + 0.5 * span
     for g, points in curves.items():
         line, = ax.plot(*zip(*points), marker="o", ms=3, label=label(g), lw=1.2, **line_style(g))
-        step, loss = points[-1]
         if all(loss > top for _, loss in points):  # a curve wholly above the frame (a divergence): its last point
-            ax.plot(step, top, "^", color=line.get_color(), ms=7, clip_on=False)
-            ax.annotate(f"{label(g)}: {loss:.2f}", (step, top), textcoords="offset points", xytext=(-8, -12),
-                        ha="right", fontsize=7)
+            last_step, last_loss = points[-1]
+            off_scale(ax, (last_step, top), "^", line.get_color(), f"{label(g)}: {last_loss:.2f}", (-8, -12),
+                      ha="right")
     ax.axhline(dev["full"], color="green", ls="--", lw=1, label="full model (dev)")
     ax.axhline(dev["cut"], color="red", ls="--", lw=1, label="cut baseline (dev)")
     ax.set_ylim(bottom, top)
@@ -1068,9 +1071,7 @@ def figures(b: dict, where: Path) -> list[str]:
         line, = ax.plot(depths, [c[d] for d in depths], label=name, **styles[name])
         for d in depths:
             if c[d] > top:  # off the scale: a marker on the top edge, with the value
-                ax.plot(d, top, "^", color=line.get_color(), ms=7, clip_on=False)
-                ax.annotate(f"{c[d]:.2f}", (d, top), textcoords="offset points", xytext=(6, -12), fontsize=7,
-                            color=line.get_color())
+                off_scale(ax, (d, top), "^", line.get_color(), f"{c[d]:.2f}", (6, -12), color=line.get_color())
     ax.axhline(cut, color="red", ls="--", lw=1, label="cut baseline")
     ax.axhline(full, color="green", ls="--", lw=1, label="full model")
     ax.set_ylim(bottom, top)
@@ -1093,10 +1094,8 @@ def figures(b: dict, where: Path) -> list[str]:
                         color=colour(a))
             ax.plot([100 * v / gap for v in r["per_seed"]], [y] * len(r["per_seed"]), "k.", ms=3)
         else:
-            edge = lo if mean < lo else hi
-            ax.plot(edge, y, "<" if mean < lo else ">", color=colour(a), ms=7, clip_on=False)
-            ax.annotate(f"{mean:.0f}%", (edge, y), textcoords="offset points", xytext=(8 if mean < lo else -8, 4),
-                        ha="left" if mean < lo else "right", fontsize=7)
+            off_scale(ax, (lo if mean < lo else hi, y), "<" if mean < lo else ">", colour(a), f"{mean:.0f}%",
+                      (8 if mean < lo else -8, 4), ha="left" if mean < lo else "right")
     ax.set_xlim(lo, hi)
     ax.axvline(0, color="gray")
     for m in (-100 * PRACTICAL, 100 * PRACTICAL):  # the verdicts' margin
